@@ -1,0 +1,69 @@
+"""procsched: a worker-pool service for CPU-bound Python jobs.
+
+The public face; it only re-exports. Names are loaded on first use (PEP 562)
+so that a worker process, which imports ``procsched.worker`` and therefore
+this package, boots without loading the supervisor's dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Pool": "executor",
+    "PoolView": "executor",
+    "JobFuture": "futures",
+    "JobOptions": "model",
+    "PoolConfig": "model",
+    "RetryPolicy": "model",
+    "current_job": "context",
+    "cancel_requested": "context",
+    "checkpoint": "context",
+    "JobContext": "context",
+    "ProcschedError": "errors",
+    "PoolError": "errors",
+    "SerializationError": "errors",
+    "JobFailed": "errors",
+    "RemoteError": "errors",
+    "RemoteTraceback": "errors",
+    "WorkerCrashed": "errors",
+    "MemoryLimitExceeded": "errors",
+    "JobTimeout": "errors",
+    "Preempted": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .context import JobContext, cancel_requested, checkpoint, current_job
+    from .errors import (
+        JobFailed,
+        JobTimeout,
+        MemoryLimitExceeded,
+        PoolError,
+        Preempted,
+        ProcschedError,
+        RemoteError,
+        RemoteTraceback,
+        SerializationError,
+        WorkerCrashed,
+    )
+    from .executor import Pool, PoolView
+    from .futures import JobFuture
+    from .model import JobOptions, PoolConfig, RetryPolicy
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'procsched' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

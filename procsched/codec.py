@@ -1,0 +1,194 @@
+"""Pickling of calls, results, errors and checkpoints: the only cloudpickle user.
+
+Who calls what:
+
+* the caller, inside ``submit()``: :meth:`CallEncoder.encode` (so a bad
+  argument raises right there), then :func:`load_value` /
+  :func:`load_error` when a future's result is asked for;
+* the worker: :func:`load_call`, then :func:`dump_value` or
+  :func:`dump_error`;
+* the supervisor: nothing. It moves the bytes this module makes without
+  ever loading them, and never imports this module.
+
+Speed: the C pickler does the work whenever it can. A module-level function
+is pickled by reference once and the bytes are cached (``F_FN_CACHEABLE``
+tells the worker it may cache the loaded function too). Arguments go through
+the C pickler first and fall back to cloudpickle only when that fails or the
+stream refers to ``__main__`` (a function or class defined in a script or
+notebook, which a worker could not import by name). cloudpickle itself is
+imported the first time it is needed.
+
+Large buffers (pickle protocol 5: numpy arrays, and top-level ``bytes`` or
+``bytearray`` arguments and results, which :class:`_Big` exposes as buffers)
+are returned separately so the caller can place them out of band.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+import types
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .errors import RemoteError, SerializationError, rebuild
+from .ipc import frames
+
+OOB_MIN = 128 * 1024  # buffers at least this large travel out of band
+_FN_CACHE_MAX = 4096
+_MAIN = b"__main__"
+
+
+def _cloudpickle() -> Any:
+    import cloudpickle
+
+    return cloudpickle
+
+
+class _Big:
+    """Makes a large top-level ``bytes``/``bytearray`` travel as a protocol-5 buffer."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bytes | bytearray) -> None:
+        self.value = value
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return type(self.value), (pickle.PickleBuffer(self.value),)
+
+
+def _wrap(value: Any) -> Any:
+    if type(value) in (bytes, bytearray) and len(value) >= OOB_MIN:
+        return _Big(value)
+    return value
+
+
+def _dumps(obj: Any, buffers: list[pickle.PickleBuffer]) -> bytes:
+    """Pickle with the C pickler, falling back to cloudpickle; big buffers to ``buffers``."""
+
+    def keep(buf: pickle.PickleBuffer) -> bool:
+        if buf.raw().nbytes < OOB_MIN:
+            return True  # small: in band
+        buffers.append(buf)
+        return False
+
+    try:
+        data = pickle.dumps(obj, 5, buffer_callback=keep)
+        if _MAIN not in data:
+            return data
+    except (pickle.PicklingError, TypeError, AttributeError):
+        pass
+    del buffers[:]
+    return _cloudpickle().dumps(obj, protocol=5, buffer_callback=keep)  # type: ignore[no-any-return]
+
+
+def _by_reference(fn: Any) -> bool:
+    if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType)):
+        return False
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", "")
+    return bool(module) and module != "__main__" and "<" not in qualname
+
+
+class CallEncoder:
+    """Turns ``fn(*args, **kwargs)`` into bytes; owned by one pool."""
+
+    def __init__(self) -> None:
+        self._fn_cache: dict[Any, bytes] = {}
+
+    def function(self, fn: Callable[..., Any]) -> tuple[bytes, int]:
+        """The pickled function and its dispatch flags."""
+        cached = self._fn_cache.get(fn)
+        if cached is not None:
+            return cached, frames.F_FN_CACHEABLE
+        if _by_reference(fn):
+            try:
+                data = pickle.dumps(fn, 5)
+            except (pickle.PicklingError, TypeError, AttributeError):
+                pass
+            else:
+                if len(self._fn_cache) >= _FN_CACHE_MAX:
+                    self._fn_cache.clear()
+                self._fn_cache[fn] = data
+                return data, frames.F_FN_CACHEABLE
+        try:
+            return _cloudpickle().dumps(fn, protocol=5), 0
+        except Exception as e:
+            raise SerializationError(f"cannot pickle function {_name(fn)}: {e}") from e
+
+    def arguments(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[pickle.PickleBuffer]]:
+        buffers: list[pickle.PickleBuffer] = []
+        if args:
+            args = tuple(map(_wrap, args))
+        if kwargs:
+            kwargs = {k: _wrap(v) for k, v in kwargs.items()}
+        try:
+            return _dumps((args, kwargs), buffers), buffers
+        except Exception as e:
+            raise SerializationError(f"cannot pickle the arguments of {_name(fn)}: {e}") from e
+
+
+def run_chunk(fn: Callable[..., Any], chunk: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """Runs in a worker: one job that is a chunk of ``map`` calls."""
+    return [fn(*args) for args in chunk]
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+# -- worker side -------------------------------------------------------------
+
+
+def load_call(fn_bytes: bytes, args_bytes: bytes, buffers: Sequence[memoryview]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    fn = pickle.loads(fn_bytes)
+    args, kwargs = pickle.loads(args_bytes, buffers=buffers)
+    return fn, args, kwargs
+
+
+def dump_value(value: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    """Pickle a result or checkpoint; raises ``SerializationError`` naming its type."""
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        return _dumps(_wrap(value), buffers), buffers
+    except Exception as e:
+        raise SerializationError(f"cannot pickle the job's result of type {type(value).__qualname__}: {e}") from e
+
+
+def _type_names(exc: BaseException) -> list[str]:
+    return [f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__]
+
+
+def dump_error(exc: BaseException) -> bytes:
+    """An error payload the caller can always render, even if the class can't be loaded."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        pickled = _dumps(exc, [])  # buffers stay in band: errors are small
+    except Exception:
+        pickled = b""
+    return frames.encode_error(_type_names(exc), str(exc), tb, pickled)
+
+
+# -- caller side -------------------------------------------------------------
+
+
+def load_value(payload: bytes, buffers: Sequence[memoryview] = ()) -> Any:
+    try:
+        return pickle.loads(payload, buffers=buffers)
+    except Exception as e:
+        raise SerializationError(f"cannot unpickle the job's result here: {e}") from e
+
+
+def load_error(payload: bytes) -> BaseException:
+    names, message, tb, pickled = frames.decode_error(payload)
+    if pickled:
+        try:
+            exc = pickle.loads(pickled)
+            if isinstance(exc, BaseException):
+                return rebuild(exc, tb)
+        except Exception:
+            pass
+    type_name = names[0] if names else "Exception"
+    if type_name.startswith("builtins."):
+        type_name = type_name[len("builtins.") :]
+    return rebuild(RemoteError(type_name, message, tb), tb)

@@ -1,0 +1,248 @@
+"""Pool: the embedded front door, a ``concurrent.futures.Executor``.
+
+``Pool`` runs the supervisor loop in a thread of the caller's process and
+its workers as child processes. ``submit`` pickles the call right here (so
+a bad argument raises in the caller), places large buffers out of band, and
+posts the job to the loop; everything after that is the loop's.
+``options(...)`` returns a view that submits with other job options.
+
+Differences from ``ProcessPoolExecutor``, on purpose:
+
+* a crashed worker fails (or retries) one job, never the pool;
+* ``map``'s ``chunksize`` defaults to ``None``: chunks sized like
+  ``multiprocessing.Pool.map`` (about four per worker), which is what makes
+  mapping tiny functions fast; pass ``chunksize=1`` for one job per item.
+  Job options (timeout, retries) then apply to a chunk.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import loky
+
+from .codec import CallEncoder, run_chunk
+from .futures import JobFuture
+from .ipc import oob
+from .model import DEFAULT_OPTIONS, JobOptions, PoolConfig, make_options
+from .supervisor import Job, Supervisor
+
+T = TypeVar("T")
+
+_MAX_CHUNK = 10_000
+
+
+def _label(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+class _Submitter:
+    """What ``Pool`` and its option views share: submit and map with given options."""
+
+    _pool: Pool
+    _opts: JobOptions
+
+    def options(self, **changes: Any) -> PoolView:
+        """A view of the pool whose ``submit``/``map`` use these job options.
+
+        ``priority`` (int, higher first), ``hot`` (bool), ``timeout`` (seconds),
+        ``retries`` (int or :class:`RetryPolicy`), ``preempt`` ("cooperative" or
+        "kill"), ``name`` (str), ``tags`` (strings).
+        """
+        return PoolView(self._pool, make_options(self._opts, changes))
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> JobFuture:
+        """Schedule ``fn(*args, **kwargs)``; returns its future."""
+        pool = self._pool
+        job = pool._make_job(self._opts, fn, args, kwargs)
+        with pool._lock:
+            if pool._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            pool._sup.post(job)
+        return job.future
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+    ) -> Iterator[T]:
+        """Like ``Executor.map``: results in order, lazily; every call submitted now.
+
+        ``chunksize=None`` groups calls into about four jobs per worker (the
+        rule of ``multiprocessing.Pool.map``); ``1`` makes one job per call.
+        """
+        if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
+            raise ValueError(f"chunksize must be a positive int or None, not {chunksize!r}")
+        pool = self._pool
+        end = None if timeout is None else time.monotonic() + timeout
+        calls = list(zip(*iterables))
+        if chunksize is None:
+            chunksize = min(_MAX_CHUNK, max(1, -(-len(calls) // (4 * pool._max_workers))))
+        if chunksize == 1:
+            jobs = [pool._make_job(self._opts, fn, args, {}) for args in calls]
+        else:
+            jobs = [
+                pool._make_job(self._opts, run_chunk, (fn, calls[i : i + chunksize]), {}, label=_label(fn))
+                for i in range(0, len(calls), chunksize)
+            ]
+        with pool._lock:
+            if pool._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            pool._sup.post(jobs)
+        return _results([j.future for j in jobs], end, chunksize > 1)
+
+
+def _results(futures: list[JobFuture], end: float | None, chunked: bool) -> Iterator[Any]:
+    futures.reverse()
+    try:
+        while futures:
+            fut = futures[-1]
+            value = fut.result() if end is None else fut.result(end - time.monotonic())
+            futures.pop()
+            if chunked:
+                yield from value
+            else:
+                yield value
+    finally:
+        for fut in futures:
+            fut.cancel()
+
+
+class PoolView(_Submitter):
+    """The pool seen through a set of job options (from ``Pool.options``)."""
+
+    def __init__(self, pool: Pool, opts: JobOptions) -> None:
+        self._pool = pool
+        self._opts = opts
+
+    @property
+    def job_options(self) -> JobOptions:
+        return self._opts
+
+    def __repr__(self) -> str:
+        return f"<PoolView {self._opts!r}>"
+
+
+class Pool(_Submitter, Executor):
+    """A pool of worker processes for CPU-bound Python functions.
+
+    ``max_workers`` defaults to the CPU count loky reports (cgroup quota and
+    CPU affinity aware). The other keywords are :class:`PoolConfig` fields:
+    ``max_tasks_per_child``, ``max_memory`` (soft RSS cap in bytes: a worker
+    over it after a job is replaced), ``max_memory_hard`` (a worker over it
+    during a job is killed and the job fails with ``MemoryLimitExceeded``),
+    ``aging_rate``, ``kill_grace``, ``preempt_grace``, ...
+    """
+
+    def __init__(self, max_workers: int | None = None, **config: Any) -> None:
+        if max_workers is None:
+            max_workers = loky.cpu_count()
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+            raise TypeError(f"max_workers must be an int or None, not {type(max_workers).__name__}")
+        if max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if config.get("max_tasks_per_child") is None:
+            config.pop("max_tasks_per_child", None)
+        for key in ("max_memory", "max_memory_hard"):
+            if config.get(key) is None:
+                config.pop(key, None)
+        try:
+            self._config = PoolConfig(max_workers=max_workers, **config)
+        except TypeError as e:
+            raise TypeError(f"Pool(): {e}") from None
+        _check_config(self._config)
+        self._max_workers = max_workers
+        self._pool = self
+        self._opts = DEFAULT_OPTIONS
+        self._encoder = CallEncoder()
+        self._ids = itertools.count(1)
+        self._segments = itertools.count(1)
+        self._lock = threading.Lock()
+        self._closed = False
+        oob.sweep_orphans()
+        self._prefix = oob.pool_prefix(f"{id(self):x}")
+        self._sup = Supervisor(self._config, self._prefix)
+        self._sup.start()
+        atexit.register(self._at_exit)
+
+    # -- jobs -----------------------------------------------------------------
+    def _make_job(self, opts: JobOptions, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], label: str | None = None) -> Job:
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        fn_bytes, flags = self._encoder.function(fn)
+        args_bytes, buffers = self._encoder.arguments(fn, args, kwargs)
+        job_id = next(self._ids)
+        desc = oob.write(f"{self._prefix}a{next(self._segments)}", buffers) if buffers else b""
+        fut = JobFuture()
+        fut.job_id = job_id
+        return Job(job_id, fut, opts.name or label or _label(fn), fn_bytes, flags, args_bytes, desc, opts)
+
+    # -- lifecycle ------------------------------------------------------------
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting jobs; with ``wait``, return once every worker is gone."""
+        self._close(cancel_futures, kill=False)
+        if wait and threading.current_thread() is not self._sup.thread:
+            self._sup.thread.join()
+
+    def terminate(self) -> None:
+        """Cancel what is queued, kill what runs, and return once all is gone."""
+        self._close(True, kill=True)
+        if threading.current_thread() is not self._sup.thread:
+            self._sup.thread.join()
+
+    def _close(self, cancel_futures: bool, kill: bool) -> None:
+        with self._lock:
+            first = not self._closed
+            self._closed = True
+            if first or kill:
+                self._sup.post(("shutdown", cancel_futures, kill))
+        if first:
+            atexit.unregister(self._at_exit)
+
+    def _at_exit(self) -> None:
+        self.shutdown(wait=True)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.terminate()  # Ctrl-C means stop now, not "finish the batch first"
+        else:
+            self.shutdown(wait=True)
+
+    # -- introspection --------------------------------------------------------
+    @property
+    def max_workers(self) -> int:
+        return self._max_workers
+
+    @property
+    def degraded(self) -> bool:
+        """True while workers keep dying at boot (respawns are backing off)."""
+        return self._sup.backend.degraded
+
+    def stats(self) -> dict[str, Any]:
+        """Counts of jobs by outcome, queue depth, workers, restarts."""
+        return self._sup.snapshot()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<procsched.Pool max_workers={self._max_workers} {state}>"
+
+
+def _check_config(c: PoolConfig) -> None:
+    for name in ("ring_bytes", "max_prefetch", "max_tasks_per_child", "max_memory", "max_memory_hard"):
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"Pool option {name!r} must be a non-negative int, not {v!r}")
+    for name in ("prefetch_s", "kill_grace", "respawn_backoff", "respawn_backoff_max", "memory_check_interval", "aging_rate", "preempt_grace", "stop_timeout"):
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ValueError(f"Pool option {name!r} must be a non-negative number, not {v!r}")
+    if c.ring_bytes < 64 * 1024:
+        raise ValueError("Pool option 'ring_bytes' must be at least 65536")

@@ -1,0 +1,174 @@
+"""The frames that cross a channel, one typed record per stage of a job.
+
+Supervisor to worker:
+
+* ``RUN``: a batch of :class:`Dispatch` records (job id, attempt, flags, the
+  pickled function, the pickled arguments, an optional checkpoint to resume
+  from, an optional out-of-band descriptor);
+* ``STOP``: finish the current job, return nothing more, exit 0.
+
+Worker to supervisor:
+
+* ``HELLO``: the worker has mapped its channel and is ready;
+* ``OUTCOMES``: a batch of :class:`Outcome` records (job id, status, run
+  time, payload, out-of-band descriptor).
+
+Either way, ``SPILL`` says "the real frame is in this shared-memory
+segment", for frames too large for the ring.
+
+These are ``struct``-packed rather than msgspec-encoded on purpose: a
+worker must boot in a few milliseconds (importing msgspec alone costs about
+20 ms) and the supervisor must decode outcomes without ever unpickling
+anything a job produced. The supervisor reads only the fixed headers and the
+plain-text part of an error (:func:`error_types`); the pickled parts are
+opaque bytes it hands to the future.
+
+Stdlib only: workers import this module.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+RUN, STOP, SPILL = 1, 2, 3
+HELLO, OUTCOMES = 10, 11
+
+# Outcome statuses.
+OK, ERROR, PREEMPTED, RETURNED, CHECKPOINT, RECYCLE = range(6)
+
+# Dispatch flags.
+F_FN_CACHEABLE = 1  # the function is pickled by reference: the worker may cache it
+F_CHECKPOINT_LIVE = 2  # stream checkpoints to the supervisor (preempt="kill")
+
+_KIND = struct.Struct("<B")
+_COUNT = struct.Struct("<BI")
+_DISPATCH = struct.Struct("<QIIIIII")
+_OUTCOME = struct.Struct("<QBxxxIIII")
+_ERROR = struct.Struct("<III")
+_PID = struct.Struct("<BQ")
+
+
+class Dispatch(NamedTuple):
+    job_id: int
+    attempt: int
+    flags: int
+    fn: bytes
+    args: bytes
+    resume: bytes
+    oob: bytes
+
+
+class Outcome(NamedTuple):
+    job_id: int
+    status: int
+    run_us: int
+    payload: bytes
+    oob: bytes
+
+
+def kind(frame: bytes) -> int:
+    return frame[0]
+
+
+def encode_run(jobs: list[Dispatch]) -> bytes:
+    parts = [_COUNT.pack(RUN, len(jobs))]
+    for j in jobs:
+        parts.append(_DISPATCH.pack(j.job_id, j.attempt, j.flags, len(j.fn), len(j.args), len(j.resume), len(j.oob)))
+        parts += (j.fn, j.args, j.resume, j.oob)
+    return b"".join(parts)
+
+
+def decode_run(frame: bytes) -> list[Dispatch]:
+    n = _COUNT.unpack_from(frame)[1]
+    pos = _COUNT.size
+    out = []
+    for _ in range(n):
+        job_id, attempt, flags, lf, la, lr, lo = _DISPATCH.unpack_from(frame, pos)
+        pos += _DISPATCH.size
+        fn = frame[pos : pos + lf]
+        pos += lf
+        args = frame[pos : pos + la]
+        pos += la
+        resume = frame[pos : pos + lr]
+        pos += lr
+        oob = frame[pos : pos + lo]
+        pos += lo
+        out.append(Dispatch(job_id, attempt, flags, fn, args, resume, oob))
+    return out
+
+
+def encode_outcomes(outcomes: list[Outcome]) -> bytes:
+    parts = [_COUNT.pack(OUTCOMES, len(outcomes))]
+    for o in outcomes:
+        parts.append(_OUTCOME.pack(o.job_id, o.status, o.run_us, len(o.payload), len(o.oob), 0))
+        parts += (o.payload, o.oob)
+    return b"".join(parts)
+
+
+def decode_outcomes(frame: bytes) -> list[Outcome]:
+    """Parse an outcome batch; raises ``ValueError`` on a malformed frame."""
+    try:
+        n = _COUNT.unpack_from(frame)[1]
+        pos = _COUNT.size
+        out = []
+        for _ in range(n):
+            job_id, status, run_us, lp, lo, _r = _OUTCOME.unpack_from(frame, pos)
+            pos += _OUTCOME.size
+            payload = frame[pos : pos + lp]
+            pos += lp
+            oob = frame[pos : pos + lo]
+            pos += lo
+            out.append(Outcome(job_id, status, run_us, payload, oob))
+    except struct.error as e:
+        raise ValueError(f"malformed outcome frame: {e}") from None
+    if pos != len(frame):
+        raise ValueError("malformed outcome frame: trailing bytes")
+    return out
+
+
+STOP_FRAME = _KIND.pack(STOP)
+
+
+def encode_hello(pid: int) -> bytes:
+    return _PID.pack(HELLO, pid)
+
+
+def decode_hello(frame: bytes) -> int:
+    return _PID.unpack(frame)[1]
+
+
+def encode_spill(descriptor: bytes) -> bytes:
+    return _KIND.pack(SPILL) + descriptor
+
+
+def spill_descriptor(frame: bytes) -> bytes:
+    return frame[1:]
+
+
+def encode_error(type_names: list[str], message: str, tb: str, pickled: bytes) -> bytes:
+    """An error payload: the exception's MRO names, message, traceback, and pickle."""
+    names = "\n".join(type_names).encode()
+    msg = message.encode("utf-8", "replace")
+    tbb = tb.encode("utf-8", "replace")
+    return _ERROR.pack(len(names), len(msg), len(tbb)) + names + msg + tbb + pickled
+
+
+def decode_error(payload: bytes) -> tuple[list[str], str, str, bytes]:
+    ln, lm, lt = _ERROR.unpack_from(payload)
+    p = _ERROR.size
+    names = payload[p : p + ln].decode().split("\n")
+    p += ln
+    msg = payload[p : p + lm].decode("utf-8", "replace")
+    p += lm
+    tb = payload[p : p + lt].decode("utf-8", "replace")
+    return names, msg, tb, payload[p + lt :]
+
+
+def error_types(payload: bytes) -> list[str]:
+    """The qualified names of the error's class and its bases (no unpickling)."""
+    try:
+        ln = _ERROR.unpack_from(payload)[0]
+        return payload[_ERROR.size : _ERROR.size + ln].decode().split("\n")
+    except (struct.error, UnicodeDecodeError):
+        return []

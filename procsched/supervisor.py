@@ -1,0 +1,395 @@
+"""The supervisor: one event loop that owns every job from submit to outcome.
+
+A job's path::
+
+    submit() (caller thread)         pickles the call, builds a Job, post()s it
+      │ intake deque (+ doorbell if the loop sleeps)
+      ▼
+    _intake        QUEUED: job table, ready queue (hot lane, cold lane)
+      ▼
+    _dispatch      RUNNING: a fresh run id, a Dispatch frame to the backend
+      │            (hot: an idle worker, else ask the lowest-ranked cold run to yield)
+      ▼
+    backend        worker rings; reports Result / Started / Lost / Returned
+      ▼
+    _event         SUCCEEDED → future.set_result(Encoded bytes)
+                   FAILED / CRASHED / TIMED_OUT → retry later (PENDING + timer) or
+                   future.set_exception; preempted or returned → QUEUED at the front
+      ▼
+    _finish        drop the job, unlink its argument segment
+
+Everything in this list is mutated by the loop thread alone; the caller's
+threads only ``post()`` messages. Run ids (not job ids) cross to the
+backend, so a late event from an abandoned run (a killed worker, a retried
+job) is recognised and ignored. The loop sleeps in one ``poll`` over the
+doorbell (rung by workers and by ``post``) and every worker's pidfd, with
+the timeout set to the next timer; it never wakes to look for work.
+
+It never unpickles anything (futures decode on the caller's side) and never
+imports cloudpickle.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from . import policy
+from .errors import JobTimeout, PoolError, WorkerCrashed
+from .futures import Encoded, EncodedError, JobFuture
+from .heap import ReadyQueue
+from .ipc import frames, oob
+from .ipc.doorbell import Doorbell
+from .log import get_logger
+from .model import JobOptions, PoolConfig
+from .workers import LocalBackend, Lost, Result, Returned, Started
+
+log = get_logger("procsched.supervisor")
+
+QUEUED, PENDING, RUNNING = "queued", "pending", "running"
+SUCCEEDED, FAILED, CANCELLED, TIMED_OUT, CRASHED = "succeeded", "failed", "cancelled", "timed_out", "crashed"
+_TIMEOUT, _RETRY = 0, 1
+
+
+class Job:
+    """The supervisor's record of one job (what ``submit`` made, plus its life so far)."""
+
+    __slots__ = ("id", "future", "label", "fn", "flags", "args", "oob", "opts", "attempt", "state", "resume", "queued_at", "run", "dispatched")
+
+    def __init__(self, id: int, future: JobFuture, label: str, fn: bytes, flags: int, args: bytes, oob: bytes, opts: JobOptions) -> None:
+        self.id = id
+        self.future = future
+        self.label = label
+        self.fn = fn
+        self.flags = flags
+        self.args = args
+        self.oob = oob
+        self.opts = opts
+        self.attempt = 1
+        self.state = QUEUED
+        self.resume = b""
+        self.queued_at = 0.0
+        self.run = 0
+        self.dispatched = False
+
+
+class Stats:
+    __slots__ = ("submitted", "succeeded", "failed", "cancelled", "retried", "crashed", "timed_out", "preempted")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Supervisor:
+    def __init__(self, config: PoolConfig, prefix: str) -> None:
+        self.config = config
+        self.prefix = prefix
+        self.bell = Doorbell.create()
+        self.backend = LocalBackend(config, prefix, self.bell)
+        self.queue = ReadyQueue(config.aging_rate)
+        self.jobs: dict[int, Job] = {}
+        self.runs: dict[int, Job] = {}
+        self.timers: list[tuple[float, int, int, int]] = []
+        self.yielding: set[int] = set()
+        self.intake: deque[Any] = deque()
+        self.sleeping = False
+        self.closing = False
+        self.killing = False
+        self.stats = Stats()
+        self._run_ids = itertools.count(1)
+        self._timer_seq = itertools.count()
+        self._rng = random.Random()
+        self.thread = threading.Thread(target=self._main, name="procsched-supervisor", daemon=True)
+
+    # -- the only entry points for other threads ------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def post(self, message: Any) -> None:
+        """Hand a Job, a list of Jobs, or a control tuple to the loop."""
+        self.intake.append(message)
+        if self.sleeping:
+            self.bell.ring()
+
+    # -- the loop -------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # the loop must not vanish silently: fail every job
+            log.exception("supervisor_crashed", error=repr(e))
+            self._abandon(PoolError(f"the pool's supervisor crashed: {e!r}"))
+            self.backend.close(time.monotonic())
+        finally:
+            oob.sweep(self.prefix)
+            self.bell.close()
+
+    def _loop(self) -> None:
+        backend = self.backend
+        poller = backend.poller
+        backend.spawn_all(time.monotonic())
+        ready: list[tuple[int, int]] = []
+        while True:
+            now = time.monotonic()
+            if self.intake:
+                self._intake(now)
+            for ev in backend.collect(now, ready):
+                self._event(ev, now)
+            if self.timers and self.timers[0][0] <= now:
+                self._fire_timers(now)
+            backend.tick(now)
+            self._dispatch(now)
+            if self.closing and not self.jobs and not self.intake:
+                break
+            wake = min(self.timers[0][0] if self.timers else float("inf"), backend.next_deadline())
+            self.sleeping = True
+            if self.intake or not backend.prepare_sleep():
+                timeout = 0
+            elif wake == float("inf"):
+                timeout = -1
+            else:
+                timeout = max(0, int((wake - time.monotonic()) * 1000) + 1)
+            ready = poller.poll(timeout)
+            self.sleeping = False
+            if timeout:
+                self.bell.drain()
+                backend.woke()
+        backend.close(time.monotonic() + (0.0 if self.killing else self.config.stop_timeout))
+
+    def _intake(self, now: float) -> None:
+        intake = self.intake
+        while intake:
+            msg = intake.popleft()
+            if type(msg) is Job:
+                self._admit(msg, now)
+            elif type(msg) is list:
+                for job in msg:
+                    self._admit(job, now)
+            elif msg[0] == "shutdown":
+                self._shutdown(cancel_futures=msg[1], kill=msg[2])
+
+    def _admit(self, job: Job, now: float) -> None:
+        self.stats.submitted += 1
+        self.jobs[job.id] = job
+        job.queued_at = now
+        self.queue.push(job.id, job.opts.priority, job.opts.hot, now)
+
+    def _shutdown(self, cancel_futures: bool, kill: bool) -> None:
+        self.closing = True
+        if cancel_futures or kill:
+            for job in list(self.jobs.values()):
+                if not job.dispatched and job.future.cancel():
+                    self._finish(job, CANCELLED)
+        if kill:
+            self.killing = True
+            self._abandon(PoolError("the pool was terminated while this job ran"))
+
+    def _abandon(self, error: BaseException) -> None:
+        for job in list(self.jobs.values()):
+            if not job.future.done():
+                if not job.dispatched:
+                    job.future.set_running_or_notify_cancel()
+                job.future.set_exception(error)
+            self._finish(job, FAILED)
+
+    # -- dispatch -------------------------------------------------------------
+    def _dispatch_frame(self, job: Job) -> frames.Dispatch:
+        rid = next(self._run_ids)
+        job.run = rid
+        job.state = RUNNING
+        self.runs[rid] = job
+        flags = job.flags | (frames.F_CHECKPOINT_LIVE if job.opts.preempt == "kill" else 0)
+        return frames.Dispatch(rid, job.attempt, flags, job.fn, job.args, job.resume, job.oob)
+
+    def _claim(self, job: Job | None) -> bool:
+        """Whether a popped queue entry is a job to run now (cancelled ones are settled)."""
+        if job is None or job.state != QUEUED:
+            return False
+        if not job.dispatched:
+            if not job.future.set_running_or_notify_cancel():
+                self._finish(job, CANCELLED)
+                return False
+            job.dispatched = True
+        return True
+
+    def _dispatch(self, now: float) -> None:
+        q, backend, jobs = self.queue, self.backend, self.jobs
+        while q.hot and backend.idle_workers():
+            job = jobs.get(q.pop_hot())
+            if self._claim(job):
+                assert job is not None
+                backend.start_hot(self._dispatch_frame(job), job.opts.timeout is not None)
+        if q.hot:
+            self._preempt(q.hot, now)
+            return  # cold work waits while a hot job does: a worker must come free
+        if self.yielding:
+            self._cancel_yields()
+        if not q.cold:
+            return
+        room = backend.headroom()
+        if not room:
+            return
+        batch: list[frames.Dispatch] = []
+        track: list[int] = []
+        while room and q.cold:
+            job = jobs.get(q.pop_cold())
+            if not self._claim(job):
+                continue
+            assert job is not None
+            batch.append(self._dispatch_frame(job))
+            if job.opts.timeout is not None:
+                track.append(job.run)
+            room -= 1
+        if batch:
+            backend.start(batch, track)
+
+    def _preempt(self, waiting: int, now: float) -> None:
+        need = waiting - len(self.yielding)
+        if need <= 0:
+            return
+        victims = [
+            self.runs[rid]
+            for rid in self.backend.running()
+            if rid in self.runs and not self.runs[rid].opts.hot and rid not in self.yielding
+        ]
+        victims.sort(key=lambda j: self.queue.rank(j.opts.priority, j.queued_at), reverse=True)
+        for job in victims[:need]:
+            grace = self.config.preempt_grace if job.opts.preempt == "kill" else None
+            if self.backend.request_yield(job.run, grace, now):
+                self.yielding.add(job.run)
+                log.info("preempt", job=job.id, name=job.label, attempt=job.attempt, policy=job.opts.preempt)
+
+    def _cancel_yields(self) -> None:
+        for rid in self.yielding:
+            self.backend.cancel_yield(rid)
+        self.yielding.clear()
+
+    # -- events ---------------------------------------------------------------
+    def _event(self, ev: Any, now: float) -> None:
+        t = type(ev)
+        if t is Result:
+            job = self.runs.get(ev.job_id)
+            if job is None:
+                return
+            status = ev.status
+            if status == frames.CHECKPOINT:
+                job.resume = ev.payload
+                return
+            self._end_run(job)
+            if status == frames.OK:
+                job.future.set_result(Encoded(ev.payload, ev.buffers))
+                self._finish(job, SUCCEEDED)
+            elif status == frames.ERROR:
+                self._failed(job, policy.ERROR, EncodedError(ev.payload), frames.error_types(ev.payload), now)
+            else:  # PREEMPTED
+                self.stats.preempted += 1
+                job.resume = ev.payload
+                self._requeue(job, now)
+        elif t is Started:
+            job = self.runs.get(ev.job_id)
+            if job is not None and job.opts.timeout is not None:
+                self._timer(ev.at + job.opts.timeout, _TIMEOUT, ev.job_id)
+        elif t is Returned:
+            job = self.runs.get(ev.job_id)
+            if job is not None:
+                self._end_run(job)
+                self._requeue(job, now)
+        elif t is Lost:
+            job = self.runs.get(ev.job_id)
+            if job is None:
+                return
+            self._end_run(job)
+            if ev.killed_for == "preempt":
+                self.stats.preempted += 1
+                self._requeue(job, now)
+            else:
+                err: WorkerCrashed = ev.error
+                err.job = f"{job.label}#{job.id}"
+                self._failed(job, policy.CRASH, err, (), now)
+
+    def _end_run(self, job: Job) -> None:
+        del self.runs[job.run]
+        self.yielding.discard(job.run)
+        job.run = 0
+
+    def _requeue(self, job: Job, now: float) -> None:
+        """Back to the front of its lane, without spending an attempt."""
+        job.state = QUEUED
+        self.queue.push(job.id, job.opts.priority, job.opts.hot, job.queued_at, front=True)
+
+    def _failed(self, job: Job, kind: str, error: BaseException, types: Any, now: float) -> None:
+        retry = job.opts.retries
+        if policy.should_retry(retry, job.attempt, kind, types):
+            delay = policy.backoff(retry, job.attempt, self._rng.random())
+            log.info("retry", job=job.id, name=job.label, attempt=job.attempt, kind=kind, error=_short(error), delay=round(delay, 3))
+            self.stats.retried += 1
+            job.attempt += 1
+            job.state = PENDING
+            self._timer(now + delay, _RETRY, job.id)
+            return
+        if kind == policy.CRASH:
+            log.warning("job_crashed", job=job.id, name=job.label, attempt=job.attempt, error=str(error))
+        job.future.set_exception(error)
+        self._finish(job, {policy.ERROR: FAILED, policy.CRASH: CRASHED, policy.TIMEOUT: TIMED_OUT}[kind])
+
+    def _finish(self, job: Job, state: str) -> None:
+        job.state = state
+        del self.jobs[job.id]
+        if job.oob:
+            oob.unlink(oob.segment_name(job.oob))
+        s = self.stats
+        if state == SUCCEEDED:
+            s.succeeded += 1
+        elif state == CANCELLED:
+            s.cancelled += 1
+        else:
+            s.failed += 1
+            if state == CRASHED:
+                s.crashed += 1
+            elif state == TIMED_OUT:
+                s.timed_out += 1
+
+    # -- timers ---------------------------------------------------------------
+    def _timer(self, when: float, kind: int, ref: int) -> None:
+        heapq.heappush(self.timers, (when, next(self._timer_seq), kind, ref))
+
+    def _fire_timers(self, now: float) -> None:
+        timers = self.timers
+        while timers and timers[0][0] <= now:
+            _, _, kind, ref = heapq.heappop(timers)
+            if kind == _TIMEOUT:
+                job = self.runs.get(ref)
+                if job is None or job.opts.timeout is None:
+                    continue
+                log.warning("job_timeout", job=job.id, name=job.label, attempt=job.attempt, timeout=job.opts.timeout)
+                self.backend.kill(ref, "timeout", now)
+                self._end_run(job)
+                self._failed(job, policy.TIMEOUT, JobTimeout(job.opts.timeout, f"{job.label}#{job.id}"), (), now)
+            else:
+                job = self.jobs.get(ref)
+                if job is not None and job.state == PENDING:
+                    job.state = QUEUED
+                    self.queue.push(job.id, job.opts.priority, job.opts.hot, job.queued_at, front=True)
+
+    # -- reading (any thread; values may be a turn old) -------------------------
+    def snapshot(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.stats.as_dict())
+        out["queued"] = len(self.queue)
+        out["jobs"] = len(self.jobs)
+        out.update(self.backend.stats())
+        return out
+
+
+def _short(error: BaseException) -> str:
+    if isinstance(error, EncodedError):
+        names, msg, _, _ = frames.decode_error(error.payload)
+        return f"{names[0].rsplit('.', 1)[-1] if names else 'Exception'}: {msg}"[:200]
+    return str(error)[:200]

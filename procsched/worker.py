@@ -1,0 +1,213 @@
+"""The worker process: take a job from the inbound ring, run it, report.
+
+Started by ``workers.py`` as ``python -c "from procsched.worker import main; main()" CONFIG``
+with its channel, doorbells and death pipe as inherited fds. It is dumb on
+purpose: no journal, no heap, no options, no logging. It knows only the
+frames of ``ipc/frames.py`` and three words of its control block:
+
+* ``W_STARTED``: written before each job, so that after a crash the
+  supervisor knows which job was running and which were never begun;
+* ``W_YIELD``: read by ``JobContext.should_yield()``;
+* ``W_RECALL``: when it changes, every job not yet begun goes back
+  (``RETURNED``), followed by a marker with job id 0.
+
+It boots in a few milliseconds because it imports only the stdlib and the
+stdlib-only parts of procsched. It dies with its supervisor: on Linux by
+``PR_SET_PDEATHSIG``, elsewhere when the death pipe reports a hang-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import select
+import signal
+import sys
+import time
+from collections import deque
+from typing import Any
+
+from . import codec, context
+from .errors import Preempted, SerializationError
+from .ipc import frames, oob
+from .ipc.doorbell import Doorbell
+from .ipc.ring import W_RECALL, W_STARTED, W_STOP, W_YIELD, Channel
+
+_BACKSTOP_MS = 1000  # see ring.py: a lost wakeup costs at most this
+_FN_CACHE_MAX = 1024
+
+
+def _die_with_parent(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before we could ask
+        os._exit(1)
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class Worker:
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.ch = Channel(cfg["channel"], cfg["size"])
+        self.bell = Doorbell.from_fds(*cfg["bell"])
+        self.sup_bell = Doorbell.from_fds(cfg["sup_bell"], cfg["sup_bell"])
+        self.death_fd: int = cfg["death"]
+        self.prefix = f'{cfg["prefix"]}w{cfg["index"]}_{os.getpid()}_'
+        self.soft_rss: int = cfg["soft_rss"]
+        self.pending: deque[frames.Dispatch] = deque()
+        self.fn_cache: dict[bytes, Any] = {}
+        self.recall_seen = self.ch.words[W_RECALL]
+        self.seq = 0
+        self.recycling = False
+
+    # -- sending ------------------------------------------------------------
+    def send(self, outcomes: list[frames.Outcome]) -> None:
+        self.send_frame(frames.encode_outcomes(outcomes))
+
+    def send_frame(self, frame: bytes) -> None:
+        ring = self.ch.outbound
+        if len(frame) > ring.max_frame:
+            self.seq += 1
+            frame = frames.encode_spill(oob.write(f"{self.prefix}f{self.seq}", [frame]))
+        while not ring.put(frame):  # rare: the supervisor is behind; let it drain
+            self.sup_bell.ring()
+            select.select([self.bell.read_fd], [], [], 0.005)
+            self.bell.drain()
+        if ring.publish():
+            self.sup_bell.ring()
+
+    def place(self, buffers: list[Any]) -> bytes:
+        if not buffers:
+            return b""
+        self.seq += 1
+        return oob.write(f"{self.prefix}{self.seq}", buffers)
+
+    def send_checkpoint(self, job_id: int, state: Any) -> None:
+        try:
+            payload, buffers = codec.dump_value(state)
+        except SerializationError:
+            return  # an unpicklable checkpoint is kept only in the job itself
+        self.send([frames.Outcome(job_id, frames.CHECKPOINT, 0, payload, self.place(buffers))])
+
+    # -- the loop -------------------------------------------------------------
+    def serve(self) -> None:
+        self.send_frame(frames.encode_hello(os.getpid()))
+        poller = select.poll()
+        poller.register(self.bell.read_fd, select.POLLIN)
+        poller.register(self.death_fd, select.POLLIN)
+        words = self.ch.words
+        inbound = self.ch.inbound
+        while True:
+            if words[W_STOP]:
+                return
+            if words[W_RECALL] != self.recall_seen:
+                self.recall()
+                continue
+            if not self.pending:
+                got = inbound.take()
+                if got:
+                    if not self.accept(got):
+                        return
+                    continue
+                if inbound.prepare_sleep():
+                    events = poller.poll(_BACKSTOP_MS)
+                    self.bell.drain()
+                    inbound.woke()
+                    for fd, _ in events:
+                        if fd == self.death_fd:
+                            return
+                continue
+            job = self.pending.popleft()
+            words[W_STARTED] = job.job_id
+            self.send([self.run(job)])
+            words[W_STARTED] = 0  # between jobs: a death now costs no job
+            if self.soft_rss and not self.recycling and _rss() > self.soft_rss:
+                self.recycling = True
+                self.send([frames.Outcome(0, frames.RECYCLE, 0, b"", b"")])
+
+    def accept(self, got: list[bytes]) -> bool:
+        """Queue the jobs of the frames taken; ``False`` on STOP."""
+        for frame in got:
+            k = frames.kind(frame)
+            if k == frames.SPILL:
+                desc = frames.spill_descriptor(frame)
+                frame = bytes(oob.read(desc, unlink_now=True)[0])
+                k = frames.kind(frame)
+            if k == frames.RUN:
+                self.pending.extend(frames.decode_run(frame))
+            elif k == frames.STOP:
+                return False
+        return True
+
+    def recall(self) -> None:
+        self.recall_seen = self.ch.words[W_RECALL]
+        if self.accept(self.ch.inbound.take()) is False:
+            self.ch.words[W_STOP] = 1
+        back = [frames.Outcome(d.job_id, frames.RETURNED, 0, b"", b"") for d in self.pending]
+        self.pending.clear()
+        back.append(frames.Outcome(0, frames.RETURNED, 0, b"", b""))
+        self.send(back)
+
+    def function(self, job: frames.Dispatch) -> Any:
+        if not job.flags & frames.F_FN_CACHEABLE:
+            return pickle.loads(job.fn)
+        fn = self.fn_cache.get(job.fn)
+        if fn is None:
+            if len(self.fn_cache) >= _FN_CACHE_MAX:
+                self.fn_cache.clear()
+            fn = self.fn_cache[job.fn] = pickle.loads(job.fn)
+        return fn
+
+    def run(self, job: frames.Dispatch) -> frames.Outcome:
+        t0 = time.perf_counter()
+        try:
+            fn = self.function(job)
+            buffers = oob.read(job.oob, unlink_now=False) if job.oob else ()
+            args, kwargs = pickle.loads(job.args, buffers=buffers)
+            resume = pickle.loads(job.resume) if job.resume else None
+        except BaseException as e:  # noqa: BLE001 - any failure to load is this job's error
+            err = SerializationError(f"cannot unpickle the job in the worker: {type(e).__name__}: {e}")
+            return frames.Outcome(job.job_id, frames.ERROR, 0, codec.dump_error(err), b"")
+        live = self.send_checkpoint if job.flags & frames.F_CHECKPOINT_LIVE else None
+        words = self.ch.words
+        context._enter(context.JobContext(job.job_id, job.attempt, resume, lambda: words[W_YIELD], live))
+        status = frames.OK
+        try:
+            value = fn(*args, **kwargs)
+        except Preempted as p:
+            status, value = frames.PREEMPTED, p.state
+        except BaseException as e:  # noqa: BLE001 - SystemExit too: it fails the job, not the worker
+            payload = codec.dump_error(e)
+            return frames.Outcome(job.job_id, frames.ERROR, _us(t0), payload, b"")
+        finally:
+            context._enter(None)
+            del args, kwargs, buffers
+        try:
+            payload, bufs = codec.dump_value(value)
+        except SerializationError as e:
+            return frames.Outcome(job.job_id, frames.ERROR, _us(t0), codec.dump_error(e), b"")
+        return frames.Outcome(job.job_id, status, _us(t0), payload, self.place(bufs))
+
+
+def _us(t0: float) -> int:
+    return min(int((time.perf_counter() - t0) * 1e6), 0xFFFFFFFF)
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
+    _die_with_parent(cfg["parent"])
+    sys.path[:] = cfg["path"]
+    Worker(cfg).serve()

@@ -1,0 +1,568 @@
+"""The local backend: worker processes, their channels, and their deaths.
+
+The supervisor talks to execution through a small seam, so that another
+engine can stand behind it later. This module is the local implementation:
+
+* ``headroom()`` / ``start(dispatches)``: place jobs on workers, each up to
+  its prefetch limit (adaptive: enough queued work to cover ``prefetch_s``
+  at the measured job duration, never more than ``max_prefetch``);
+* ``start_hot(dispatch)``: place a job only on a worker with nothing queued;
+* ``request_yield(job_id, kill_after)``: cooperative preemption, and a kill
+  if the job does not yield in time;
+* ``kill(job_id, reason)``: stop the worker running a job (timeout, cancel);
+* ``collect(now)``: outcomes, job starts, lost and returned jobs, since the
+  last call; ``tick(now)`` / ``next_deadline()``: kills to escalate, workers
+  to respawn, memory to sample.
+
+It owns the processes: spawn (fork+exec of a fresh interpreter that imports
+only what a worker needs, with its fds passed explicitly, rather than
+``multiprocessing``'s or loky's start, which cannot pass them and cost an
+import of their own), the death sentinel (a pidfd), reaping, kill in steps
+(SIGTERM, a bounded grace, SIGKILL), respawn with backoff, and the
+degraded flag when workers keep dying at boot. It never decides a job's
+fate: it reports, and the supervisor applies its policy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from .errors import MemoryLimitExceeded, WorkerCrashed
+from .ipc import frames, oob
+from .ipc.doorbell import Doorbell
+from .ipc.ring import W_RECALL, W_STARTED, W_STOP, W_YIELD, Channel
+from .log import get_logger
+from .model import PoolConfig
+
+log = get_logger("procsched.workers")
+
+BOOTING, READY, RETIRING, DEAD = "booting", "ready", "retiring", "dead"
+_BOOT_CMD = "from procsched.worker import main; main()"
+
+
+class Started(NamedTuple):
+    job_id: int
+    at: float
+
+
+class Lost(NamedTuple):
+    """A job that was running when its worker died; ``error`` says how."""
+
+    job_id: int
+    error: WorkerCrashed
+    killed_for: str  # "" for a crash; "timeout", "cancel", "preempt", "memory" when we killed it
+
+
+class Returned(NamedTuple):
+    """A job that never began: it goes back to the queue without spending an attempt."""
+
+    job_id: int
+
+
+class Result(NamedTuple):
+    job_id: int
+    status: int
+    run_us: int
+    payload: bytes
+    buffers: list[memoryview]
+
+
+Event = Started | Lost | Returned | Result
+
+
+class _Slot:
+    """One worker position; its process comes and goes."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.state = DEAD
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid = 0
+        self.ch: Channel | None = None
+        self.bell: Doorbell | None = None
+        self.sentinel = -1
+        self.death_w = -1
+        self.outstanding: deque[int] = deque()  # dispatched, no outcome yet, in run order
+        self.track: set[int] = set()  # jobs whose start the supervisor wants to hear of
+        self.done = 0  # jobs finished by this process
+        self.booted_at = 0.0
+        self.kill_at = 0.0  # SIGKILL after this (0: none pending)
+        self.killing: dict[int, str] = {}  # job id -> why we are killing its worker
+        self.recalling = False
+        self.yield_deadline = 0.0
+        self.yield_job = 0
+        self.respawn_at = 0.0
+        self.last_rss = 0
+
+    @property
+    def idle(self) -> bool:
+        return self.state == READY and not self.outstanding and not self.recalling
+
+
+class LocalBackend:
+    def __init__(self, config: PoolConfig, prefix: str, sup_bell: Doorbell) -> None:
+        self.config = config
+        self.prefix = prefix
+        self.sup_bell = sup_bell
+        self.slots = [_Slot(i) for i in range(config.max_workers)]
+        self.by_job: dict[int, _Slot] = {}
+        self.events: list[Event] = []
+        self.ewma_s = 0.001  # running estimate of a job's duration
+        self.boot_failures = 0
+        self.restarts = 0
+        self.spills = 0
+        self.closing = False
+        self.next_memory_check = 0.0
+        self.poller = select.poll()
+        self.poller.register(sup_bell.read_fd, select.POLLIN)
+        self.by_sentinel: dict[int, _Slot] = {}
+
+    # -- processes ------------------------------------------------------------
+    def spawn_all(self, now: float) -> None:
+        for slot in self.slots:
+            self.spawn(slot, now)
+
+    def spawn(self, slot: _Slot, now: float) -> None:
+        cfg = self.config
+        ch = Channel.create(cfg.ring_bytes)
+        bell = Doorbell.create()
+        death_r, death_w = os.pipe()
+        boot = {
+            "channel": ch.fd,
+            "size": ch.size,
+            "bell": [bell.read_fd, bell.write_fd],
+            "sup_bell": self.sup_bell.write_fd,
+            "death": death_r,
+            "parent": os.getpid(),
+            "index": slot.index,
+            "prefix": self.prefix,
+            "path": sys.path,
+            "soft_rss": cfg.max_memory or 0,
+        }
+        fds = (ch.fd, *bell.fds(), self.sup_bell.write_fd, death_r)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _BOOT_CMD, json.dumps(boot)],
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError as e:
+            os.close(death_r)
+            os.close(death_w)
+            ch.close()
+            bell.close()
+            log.error("worker_spawn_failed", worker=slot.index, error=str(e))
+            self._boot_failed(slot, now)
+            return
+        os.close(death_r)
+        slot.proc, slot.pid, slot.ch, slot.bell, slot.death_w = proc, proc.pid, ch, bell, death_w
+        slot.state, slot.booted_at, slot.done = BOOTING, now, 0
+        slot.kill_at, slot.killing, slot.recalling, slot.yield_job = 0.0, {}, False, 0
+        slot.sentinel = os.pidfd_open(proc.pid)
+        self.by_sentinel[slot.sentinel] = slot
+        self.poller.register(slot.sentinel, select.POLLIN)
+        log.debug("worker_spawned", worker=slot.index, pid=proc.pid)
+
+    def _boot_failed(self, slot: _Slot, now: float) -> None:
+        self.boot_failures += 1
+        delay = min(self.config.respawn_backoff * 2 ** (self.boot_failures - 1), self.config.respawn_backoff_max)
+        slot.state, slot.respawn_at = DEAD, now + delay
+        if self.boot_failures >= 3:
+            log.warning("pool_degraded", worker=slot.index, boot_failures=self.boot_failures, retry_in=round(delay, 3))
+
+    @property
+    def degraded(self) -> bool:
+        return self.boot_failures >= 3
+
+    def _reap(self, slot: _Slot, now: float) -> None:
+        """The worker's process has exited: settle its jobs, then respawn."""
+        assert slot.proc is not None and slot.ch is not None
+        self._drain(slot, now)  # outcomes it published before dying still count
+        code = slot.proc.wait()
+        started = slot.ch.words[W_STARTED]
+        booting = slot.state == BOOTING
+        stopped = slot.state == RETIRING and not slot.outstanding and code == 0
+        if stopped:
+            log.debug("worker_exited", worker=slot.index, pid=slot.pid, exitcode=code)
+        else:
+            log.warning(
+                "worker_died",
+                worker=slot.index,
+                pid=slot.pid,
+                exitcode=code,
+                killed_for=sorted(set(slot.killing.values())) or None,
+                jobs=list(slot.outstanding)[:3] or None,
+            )
+        for job_id in slot.outstanding:
+            self.by_job.pop(job_id, None)
+            if job_id == started:
+                why = slot.killing.get(job_id, "")
+                err = self._crash_error(slot, code, why)
+                self.events.append(Lost(job_id, err, why))
+            else:
+                self.events.append(Returned(job_id))
+        slot.outstanding.clear()
+        slot.track.clear()
+        self._close(slot)
+        if self.closing:
+            slot.state = DEAD
+            return
+        if booting:
+            log.error("worker_boot_failed", worker=slot.index, pid=slot.pid, exitcode=code)
+            self._boot_failed(slot, now)
+        else:
+            if not stopped:
+                self.restarts += 1
+            slot.state, slot.respawn_at = DEAD, now
+
+    def _crash_error(self, slot: _Slot, code: int | None, why: str) -> WorkerCrashed:
+        limit = self.config.max_memory_hard or 0
+        if why == "memory":
+            return MemoryLimitExceeded(slot.last_rss, limit, slot.pid)
+        return WorkerCrashed(code, slot.pid)
+
+    def _close(self, slot: _Slot) -> None:
+        if slot.sentinel >= 0:
+            self.poller.unregister(slot.sentinel)
+            self.by_sentinel.pop(slot.sentinel, None)
+            os.close(slot.sentinel)
+            slot.sentinel = -1
+        for fd in (slot.death_w,):
+            if fd >= 0:
+                os.close(fd)
+        slot.death_w = -1
+        if slot.ch is not None:
+            slot.ch.close()
+            slot.ch = None
+        if slot.bell is not None:
+            slot.bell.close()
+            slot.bell = None
+        slot.proc = None
+
+    def _signal(self, slot: _Slot, sig: int) -> None:
+        if slot.proc is not None and slot.proc.returncode is None:
+            try:
+                slot.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self, job_id: int, reason: str, now: float) -> bool:
+        """Stop the worker that runs ``job_id``: SIGTERM now, SIGKILL after the grace."""
+        slot = self.by_job.get(job_id)
+        if slot is None or slot.proc is None:
+            return False
+        self._kill_slot(slot, reason, now, job_id)
+        return True
+
+    def _kill_slot(self, slot: _Slot, reason: str, now: float, job_id: int = 0, sig: int = signal.SIGTERM) -> None:
+        if job_id:
+            slot.killing[job_id] = reason
+        if slot.state != DEAD:
+            slot.state = RETIRING
+        log.info("worker_kill", worker=slot.index, pid=slot.pid, job=job_id or None, reason=reason)
+        assert slot.ch is not None
+        slot.ch.words[W_STOP] = 1
+        self._signal(slot, sig)
+        if sig != signal.SIGKILL and not slot.kill_at:
+            slot.kill_at = now + self.config.kill_grace
+
+    # -- dispatch -------------------------------------------------------------
+    def _limit(self) -> int:
+        cfg = self.config
+        extra = int(cfg.prefetch_s / max(self.ewma_s, 1e-5))
+        return 1 + max(0, min(extra, cfg.max_prefetch))
+
+    def headroom(self) -> int:
+        limit = self._limit()
+        return sum(max(0, limit - len(s.outstanding)) for s in self.slots if s.state == READY and not s.recalling)
+
+    def idle_workers(self) -> int:
+        return sum(1 for s in self.slots if s.idle)
+
+    def start(self, dispatches: list[frames.Dispatch], track: Iterable[int] = ()) -> None:
+        """Place jobs, filling the emptiest workers first; ``len <= headroom()``."""
+        limit = self._limit()
+        ready = [s for s in self.slots if s.state == READY and not s.recalling]
+        ready.sort(key=lambda s: len(s.outstanding))
+        tracked = set(track)
+        i = 0
+        n = len(dispatches)
+        per = -(-n // max(1, len(ready)))
+        for slot in ready:
+            if i >= n:
+                break
+            take = min(per, limit - len(slot.outstanding), n - i)
+            if take <= 0:
+                continue
+            self._send(slot, dispatches[i : i + take], tracked)
+            i += take
+        for slot in ready:  # whatever the even split left over
+            if i >= n:
+                break
+            take = min(limit - len(slot.outstanding), n - i)
+            if take > 0:
+                self._send(slot, dispatches[i : i + take], tracked)
+                i += take
+        if i < n:
+            raise AssertionError("start() given more jobs than headroom()")
+
+    def start_hot(self, d: frames.Dispatch, track: bool) -> bool:
+        for slot in self.slots:
+            if slot.idle:
+                self._send(slot, [d], {d.job_id} if track else set())
+                return True
+        return False
+
+    def _send(self, slot: _Slot, batch: list[frames.Dispatch], tracked: set[int]) -> None:
+        assert slot.ch is not None and slot.bell is not None
+        was_idle = not slot.outstanding
+        ring = slot.ch.inbound
+        frame = frames.encode_run(batch)
+        if len(frame) > ring.max_frame or not ring.put(frame):
+            if len(batch) > 1:
+                half = len(batch) // 2
+                self._send(slot, batch[:half], tracked)
+                self._send(slot, batch[half:], tracked)
+                return
+            self.spills += 1
+            frame = frames.encode_spill(oob.write(f"{self.prefix}s{self.spills}", [frame]))
+            if not ring.put(frame):  # pragma: no cover - the ring holds at most a prefetch
+                raise RuntimeError("worker ring full")
+        for d in batch:
+            slot.outstanding.append(d.job_id)
+            self.by_job[d.job_id] = slot
+            if d.job_id in tracked:
+                slot.track.add(d.job_id)
+        if was_idle and slot.outstanding and slot.outstanding[0] in slot.track:
+            self.events.append(Started(slot.outstanding[0], time.monotonic()))
+        if ring.publish():
+            slot.bell.ring()
+
+    def running(self) -> dict[int, int]:
+        """job id -> worker index, for the job at the head of each worker's queue."""
+        return {s.outstanding[0]: s.index for s in self.slots if s.outstanding and s.state == READY}
+
+    def request_yield(self, job_id: int, kill_after: float | None, now: float) -> bool:
+        slot = self.by_job.get(job_id)
+        if slot is None or slot.ch is None or slot.recalling:
+            return False
+        slot.ch.words[W_YIELD] = job_id
+        slot.yield_job = job_id
+        slot.yield_deadline = now + kill_after if kill_after is not None else 0.0
+        self._recall(slot)
+        log.info("preempt_requested", worker=slot.index, job=job_id, kill_after=kill_after)
+        return True
+
+    def cancel_yield(self, job_id: int) -> None:
+        """The hot job found another worker: the run need not yield after all."""
+        slot = self.by_job.get(job_id)
+        if slot is not None and slot.ch is not None and slot.yield_job == job_id:
+            slot.ch.words[W_YIELD] = 0
+            slot.yield_job, slot.yield_deadline = 0, 0.0
+
+    def _recall(self, slot: _Slot) -> None:
+        assert slot.ch is not None and slot.bell is not None
+        slot.recalling = True
+        slot.ch.words[W_RECALL] = slot.ch.words[W_RECALL] + 1
+        slot.bell.ring()
+
+    # -- events ---------------------------------------------------------------
+    def collect(self, now: float, ready: list[tuple[int, int]]) -> list[Event]:
+        """Everything that happened since the last call; ``ready`` is the loop's poll result."""
+        for slot in self.slots:
+            if slot.ch is not None and slot.ch.outbound.has_data():
+                self._drain(slot, now)
+        for fd, _ in ready:
+            slot = self.by_sentinel.get(fd)
+            if slot is not None:
+                self._reap(slot, now)
+        events, self.events = self.events, []
+        return events
+
+    def prepare_sleep(self) -> bool:
+        """Announce the supervisor's sleep on every ring; ``False`` if one has data."""
+        for slot in self.slots:
+            if slot.ch is not None and not slot.ch.outbound.prepare_sleep():
+                return False
+        return not self.events
+
+    def woke(self) -> None:
+        for slot in self.slots:
+            if slot.ch is not None:
+                slot.ch.outbound.woke()
+
+    def _drain(self, slot: _Slot, now: float) -> None:
+        assert slot.ch is not None
+        for frame in slot.ch.outbound.take():
+            try:
+                k = frames.kind(frame)
+                if k == frames.SPILL:
+                    frame = bytes(oob.read(frames.spill_descriptor(frame), unlink_now=True)[0])
+                    k = frames.kind(frame)
+                if k == frames.HELLO:
+                    self._hello(slot, frames.decode_hello(frame))
+                elif k == frames.OUTCOMES:
+                    self._outcomes(slot, frames.decode_outcomes(frame), now)
+                else:
+                    raise ValueError(f"unknown frame kind {k}")
+            except (ValueError, OSError) as e:  # a worker that writes garbage is broken
+                log.error("worker_protocol_error", worker=slot.index, pid=slot.pid, error=str(e))
+                self._kill_slot(slot, "protocol", now, sig=signal.SIGKILL)
+
+    def _hello(self, slot: _Slot, pid: int) -> None:
+        if slot.state == BOOTING:
+            slot.state = READY
+            if self.boot_failures >= 3:
+                log.info("pool_recovered", worker=slot.index)
+            self.boot_failures = 0
+            log.debug("worker_ready", worker=slot.index, pid=pid, boot_ms=round((time.monotonic() - slot.booted_at) * 1e3, 1))
+
+    def _outcomes(self, slot: _Slot, outcomes: list[frames.Outcome], now: float) -> None:
+        events = self.events
+        out = slot.outstanding
+        for o in outcomes:
+            status = o.status
+            if status <= frames.PREEMPTED:  # OK, ERROR, PREEMPTED: the job left this worker
+                if not out or out[0] != o.job_id:
+                    raise ValueError(f"outcome for job {o.job_id} out of order")
+                out.popleft()
+                self.by_job.pop(o.job_id, None)
+                slot.track.discard(o.job_id)
+                slot.done += 1
+                self.ewma_s += 0.2 * (max(o.run_us, 10) * 1e-6 - self.ewma_s)
+                buffers = oob.read(o.oob, unlink_now=True) if o.oob else []
+                # A job that finished before our kill landed is reported all the
+                # same: the supervisor knows whether it still wants the outcome.
+                slot.killing.pop(o.job_id, None)
+                events.append(Result(o.job_id, status, o.run_us, o.payload, buffers))
+                if status == frames.PREEMPTED:
+                    slot.yield_job, slot.yield_deadline = 0, 0.0
+                if out and out[0] in slot.track:
+                    events.append(Started(out[0], now))
+            elif status == frames.RETURNED:
+                if o.job_id:
+                    out.remove(o.job_id)
+                    self.by_job.pop(o.job_id, None)
+                    slot.track.discard(o.job_id)
+                    events.append(Returned(o.job_id))
+                else:
+                    slot.recalling = False
+                    assert slot.ch is not None
+                    if slot.yield_job and slot.yield_job not in out:
+                        slot.yield_job, slot.yield_deadline = 0, 0.0
+            elif status == frames.CHECKPOINT:
+                buffers = oob.read(o.oob, unlink_now=True) if o.oob else []
+                events.append(Result(o.job_id, status, 0, o.payload, buffers))
+            elif status == frames.RECYCLE:
+                log.info("worker_recycle", worker=slot.index, pid=slot.pid, reason="memory")
+                self.retire(slot)
+        if slot.state == RETIRING and not out and slot.ch is not None and not slot.killing:
+            self._stop(slot)
+        elif self.config.max_tasks_per_child and slot.done >= self.config.max_tasks_per_child and slot.state == READY:
+            self.retire(slot)
+
+    def retire(self, slot: _Slot) -> None:
+        """Take no more jobs on this worker; stop it once its queue is empty."""
+        if slot.state != READY:
+            return
+        slot.state = RETIRING
+        if slot.outstanding:
+            self._recall(slot)  # its unbegun jobs go elsewhere
+        else:
+            self._stop(slot)
+
+    def _stop(self, slot: _Slot) -> None:
+        assert slot.ch is not None and slot.bell is not None
+        slot.ch.words[W_STOP] = 1
+        slot.bell.ring()
+        if not slot.kill_at:
+            slot.kill_at = time.monotonic() + self.config.kill_grace + 1.0
+
+    # -- time -----------------------------------------------------------------
+    def next_deadline(self) -> float:
+        best = float("inf")
+        for s in self.slots:
+            if s.kill_at:
+                best = min(best, s.kill_at)
+            if s.yield_deadline:
+                best = min(best, s.yield_deadline)
+            if s.state == DEAD and not self.closing:
+                best = min(best, s.respawn_at)
+        if self.config.max_memory_hard:
+            best = min(best, self.next_memory_check)
+        return best
+
+    def tick(self, now: float) -> None:
+        for s in self.slots:
+            if s.kill_at and now >= s.kill_at and s.proc is not None:
+                s.kill_at = 0.0
+                log.warning("worker_kill_escalated", worker=s.index, pid=s.pid)
+                self._signal(s, signal.SIGKILL)
+            if s.yield_deadline and now >= s.yield_deadline:
+                job, s.yield_deadline = s.yield_job, 0.0
+                if job in s.outstanding and s.outstanding[0] == job:
+                    self._kill_slot(s, "preempt", now, job, sig=signal.SIGKILL)
+            if s.state == DEAD and not self.closing and now >= s.respawn_at:
+                self.spawn(s, now)
+        if self.config.max_memory_hard and now >= self.next_memory_check:
+            self.next_memory_check = now + self.config.memory_check_interval
+            self._check_memory(now)
+
+    def _check_memory(self, now: float) -> None:
+        limit = self.config.max_memory_hard
+        assert limit
+        for s in self.slots:
+            if s.state in (READY, RETIRING) and s.pid and not s.killing:
+                rss = _rss(s.pid)
+                if rss > limit:
+                    s.last_rss = rss
+                    job = s.outstanding[0] if s.outstanding else 0
+                    log.warning("worker_memory_exceeded", worker=s.index, pid=s.pid, job=job or None, rss=rss, limit=limit)
+                    self._kill_slot(s, "memory", now, job, sig=signal.SIGKILL)
+
+    # -- shutdown -------------------------------------------------------------
+    def close(self, deadline: float) -> None:
+        """Stop every worker: ask, wait until ``deadline``, then SIGKILL; reap all."""
+        self.closing = True
+        for s in self.slots:
+            if s.ch is not None and s.bell is not None:
+                s.ch.words[W_STOP] = 1
+                s.bell.ring()
+        for s in self.slots:
+            if s.proc is None:
+                continue
+            try:
+                s.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                s.proc.kill()
+                s.proc.wait()
+            self._close(s)
+            s.state = DEAD
+        self.poller.unregister(self.sup_bell.read_fd)
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "workers": [
+                {"index": s.index, "pid": s.pid, "state": s.state, "queued": len(s.outstanding), "done": s.done}
+                for s in self.slots
+            ],
+            "restarts": self.restarts,
+            "degraded": self.degraded,
+        }
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
