@@ -28,6 +28,7 @@ from __future__ import annotations
 import pickle
 import traceback
 import types
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,7 +36,6 @@ from .errors import RemoteError, SerializationError, rebuild
 from .ipc import frames
 
 OOB_MIN = 128 * 1024  # buffers at least this large travel out of band
-_FN_CACHE_MAX = 4096
 _MAIN = b"__main__"
 
 
@@ -83,36 +83,75 @@ def _dumps(obj: Any, buffers: list[pickle.PickleBuffer]) -> bytes:
 
 
 def _by_reference(fn: Any) -> bool:
-    if not isinstance(fn, (types.FunctionType, types.BuiltinFunctionType)):
-        return False
     module = getattr(fn, "__module__", None)
     qualname = getattr(fn, "__qualname__", "")
     return bool(module) and module != "__main__" and "<" not in qualname
 
 
+def _global_names(code: types.CodeType) -> frozenset[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return frozenset(names)
+
+
+def _fingerprint(fn: types.FunctionType, names: frozenset[str]) -> tuple[int, ...]:
+    """Identity of everything a by-value pickle of ``fn`` captures that can be rebound."""
+    g = fn.__globals__
+    cells = fn.__closure__ or ()
+    ids = [id(fn.__code__), id(fn.__defaults__), id(fn.__kwdefaults__)]
+    ids += [id(g.get(n)) for n in names]
+    ids += [id(c.cell_contents) if _cell_full(c) else 0 for c in cells]
+    return tuple(ids)
+
+
+def _cell_full(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
 class CallEncoder:
-    """Turns ``fn(*args, **kwargs)`` into bytes; owned by one pool."""
+    """Turns ``fn(*args, **kwargs)`` into bytes; owned by one pool.
+
+    A function's pickle is cached per function object. One pickled by value
+    (defined in ``__main__``, a notebook cell, or a closure) is pickled again
+    when a global name it reads, a closure cell, its defaults or its code is
+    rebound; a mutable global changed in place is not noticed, which matches
+    what a worker that imported the function once would see.
+    """
 
     def __init__(self) -> None:
-        self._fn_cache: dict[Any, bytes] = {}
+        self._fn_cache: weakref.WeakKeyDictionary[Any, tuple[Any, bytes]] = weakref.WeakKeyDictionary()
 
     def function(self, fn: Callable[..., Any]) -> tuple[bytes, int]:
         """The pickled function and its dispatch flags."""
-        cached = self._fn_cache.get(fn)
-        if cached is not None:
-            return cached, frames.F_FN_CACHEABLE
+        if type(fn) is not types.FunctionType:
+            return self._pickle_function(fn), 0
+        hit = self._fn_cache.get(fn)
+        if hit is not None:
+            key, data = hit
+            if key is None or key[1] == _fingerprint(fn, key[0]):
+                return data, frames.F_FN_CACHEABLE
         if _by_reference(fn):
             try:
                 data = pickle.dumps(fn, 5)
             except (pickle.PicklingError, TypeError, AttributeError):
                 pass
             else:
-                if len(self._fn_cache) >= _FN_CACHE_MAX:
-                    self._fn_cache.clear()
-                self._fn_cache[fn] = data
+                self._fn_cache[fn] = (None, data)
                 return data, frames.F_FN_CACHEABLE
+        names = _global_names(fn.__code__)
+        data = self._pickle_function(fn)
+        self._fn_cache[fn] = ((names, _fingerprint(fn, names)), data)
+        return data, frames.F_FN_CACHEABLE
+
+    def _pickle_function(self, fn: Any) -> bytes:
         try:
-            return _cloudpickle().dumps(fn, protocol=5), 0
+            return _cloudpickle().dumps(fn, protocol=5)  # type: ignore[no-any-return]
         except Exception as e:
             raise SerializationError(f"cannot pickle function {_name(fn)}: {e}") from e
 
@@ -126,7 +165,6 @@ class CallEncoder:
             return _dumps((args, kwargs), buffers), buffers
         except Exception as e:
             raise SerializationError(f"cannot pickle the arguments of {_name(fn)}: {e}") from e
-
 
 def run_chunk(fn: Callable[..., Any], chunk: Sequence[tuple[Any, ...]]) -> list[Any]:
     """Runs in a worker: one job that is a chunk of ``map`` calls."""

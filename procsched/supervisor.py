@@ -152,16 +152,16 @@ class Supervisor:
             wake = min(self.timers[0][0] if self.timers else float("inf"), backend.next_deadline())
             self.sleeping = True
             if self.intake or not backend.prepare_sleep():
-                timeout = 0
+                timeout = 0  # work arrived while we looked: only check for deaths
             elif wake == float("inf"):
                 timeout = -1
             else:
                 timeout = max(0, int((wake - time.monotonic()) * 1000) + 1)
-            ready = poller.poll(timeout)
+            ready = poller.poll(timeout)  # also with 0: a busy loop must see worker deaths
             self.sleeping = False
             if timeout:
                 self.bell.drain()
-                backend.woke()
+            backend.woke()
         backend.close(time.monotonic() + (0.0 if self.killing else self.config.stop_timeout))
 
     def _intake(self, now: float) -> None:
