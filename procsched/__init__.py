@@ -8,7 +8,10 @@ this package, boots without loading the supervisor's dependencies.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # importing typing would slow every worker's boot
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 
@@ -25,6 +28,7 @@ _EXPORTS = {
     "JobContext": "context",
     "ProcschedError": "errors",
     "PoolError": "errors",
+    "ConfigError": "config",
     "SerializationError": "errors",
     "JobFailed": "errors",
     "RemoteError": "errors",
@@ -38,6 +42,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from .config import ConfigError
     from .context import JobContext, cancel_requested, checkpoint, current_job
     from .errors import (
         JobFailed,

@@ -26,14 +26,16 @@ are returned separately so the caller can place them out of band.
 from __future__ import annotations
 
 import pickle
-import traceback
 import types
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from .errors import RemoteError, SerializationError, rebuild
 from .ipc import frames
+
+TYPE_CHECKING = False  # typing costs a worker ~8 ms at boot; annotations are strings anyway
+if TYPE_CHECKING:
+    from typing import Any
 
 OOB_MIN = 128 * 1024  # buffers at least this large travel out of band
 _MAIN = b"__main__"
@@ -199,6 +201,8 @@ def _type_names(exc: BaseException) -> list[str]:
 
 def dump_error(exc: BaseException) -> bytes:
     """An error payload the caller can always render, even if the class can't be loaded."""
+    import traceback  # only a failing job pays for it (and for the re module it loads)
+
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         pickled = _dumps(exc, [])  # buffers stay in band: errors are small

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +29,7 @@ from typing import Any, TypeVar
 import loky
 
 from .codec import CallEncoder, run_chunk
+from .config import load_pool_settings
 from .futures import JobFuture
 from .ipc import oob
 from .model import DEFAULT_OPTIONS, JobOptions, PoolConfig, make_options
@@ -172,6 +174,15 @@ class Pool(_Submitter, Executor):
         self._sup = Supervisor(self._config, self._prefix)
         self._sup.start()
         atexit.register(self._at_exit)
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str], **overrides: Any) -> Pool:
+        """A pool built from the ``[pool]`` table of a settings file (``conf/procsched.toml``).
+
+        Keywords override the file; ``max_workers`` missing from both means the CPU count.
+        """
+        settings = {**load_pool_settings(path), **overrides}
+        return cls(settings.pop("max_workers", None), **settings)
 
     # -- jobs -----------------------------------------------------------------
     def _make_job(self, opts: JobOptions, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], label: str | None = None) -> Job:

@@ -10,12 +10,13 @@ stderr). Each event renders as ``event key=value ...`` for a terminal;
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
 
 
-def _render(logger: Any, method: str, event: dict[str, Any]) -> str:
+def _render(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
     name = event.pop("event", "")
     parts = [str(name)]
     parts += [f"{k}={v}" for k, v in event.items() if v is not None]

@@ -79,11 +79,13 @@ class Job:
 
 
 class Stats:
+    """Counters of job outcomes since the pool started."""
+
     __slots__ = ("submitted", "succeeded", "failed", "cancelled", "retried", "crashed", "timed_out", "preempted")
 
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        self.submitted = self.succeeded = self.failed = self.cancelled = 0
+        self.retried = self.crashed = self.timed_out = self.preempted = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}

@@ -1,6 +1,6 @@
 """The worker process: take a job from the inbound ring, run it, report.
 
-Started by ``workers.py`` as ``python -c "from procsched.worker import main; main()" CONFIG``
+Started by ``workers.py`` as ``python -c "...; from procsched.worker import main; main()" CONFIG ROOT``
 with its channel, doorbells and death pipe as inherited fds. It is dumb on
 purpose: no journal, no heap, no options, no logging. It knows only the
 frames of ``ipc/frames.py`` and three words of its control block:
@@ -18,7 +18,6 @@ stdlib-only parts of procsched. It dies with its supervisor: on Linux by
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import select
@@ -26,7 +25,6 @@ import signal
 import sys
 import time
 from collections import deque
-from typing import Any
 
 from . import codec, context
 from .errors import Preempted, SerializationError
@@ -34,11 +32,22 @@ from .ipc import frames, oob
 from .ipc.doorbell import Doorbell
 from .ipc.ring import W_RECALL, W_STARTED, W_STOP, W_YIELD, Channel
 
+TYPE_CHECKING = False  # typing costs a worker ~8 ms at boot; annotations are strings anyway
+if TYPE_CHECKING:
+    from typing import Any
+
 _BACKSTOP_MS = 1000  # see ring.py: a lost wakeup costs at most this
 _FN_CACHE_MAX = 1024
 
 
 def _die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL us when the supervisor dies.
+
+    Called once the first job has been answered or the worker first goes
+    idle, not at boot: loading ctypes costs a few milliseconds that would
+    otherwise delay the pool's first result. Until then the death pipe
+    covers the gap (the worker exits when it next waits).
+    """
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -71,6 +80,8 @@ class Worker:
         self.recall_seen = self.ch.words[W_RECALL]
         self.seq = 0
         self.recycling = False
+        self.parent: int = cfg["parent"]
+        self.guarded = False
 
     # -- sending ------------------------------------------------------------
     def send(self, outcomes: list[frames.Outcome]) -> None:
@@ -121,6 +132,9 @@ class Worker:
                     if not self.accept(got):
                         return
                     continue
+                if not self.guarded:
+                    self.guard()
+                    continue
                 if inbound.prepare_sleep():
                     events = poller.poll(_BACKSTOP_MS)
                     self.bell.drain()
@@ -132,10 +146,16 @@ class Worker:
             job = self.pending.popleft()
             words[W_STARTED] = job.job_id
             self.send([self.run(job)])
+            if not self.guarded:
+                self.guard()
             words[W_STARTED] = 0  # between jobs: a death now costs no job
             if self.soft_rss and not self.recycling and _rss() > self.soft_rss:
                 self.recycling = True
                 self.send([frames.Outcome(0, frames.RECYCLE, 0, b"", b"")])
+
+    def guard(self) -> None:
+        self.guarded = True
+        _die_with_parent(self.parent)
 
     def accept(self, got: list[bytes]) -> bool:
         """Queue the jobs of the frames taken; ``False`` on STOP."""
@@ -206,8 +226,9 @@ def _us(t0: float) -> int:
 
 
 def main() -> None:
-    cfg = json.loads(sys.argv[1])
+    cfg = pickle.loads(bytes.fromhex(sys.argv[1]))  # not json: it would load re (~5 ms)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
-    _die_with_parent(cfg["parent"])
+    if os.getppid() != cfg["parent"]:  # the supervisor died while we started
+        os._exit(1)
     sys.path[:] = cfg["path"]
     Worker(cfg).serve()

@@ -25,7 +25,7 @@ fate: it reports, and the supervisor applies its policy.
 
 from __future__ import annotations
 
-import json
+import pickle
 import os
 import select
 import signal
@@ -46,7 +46,10 @@ from .model import PoolConfig
 log = get_logger("procsched.workers")
 
 BOOTING, READY, RETIRING, DEAD = "booting", "ready", "retiring", "dead"
-_BOOT_CMD = "from procsched.worker import main; main()"
+# argv[1] is the boot config, argv[2] the directory procsched is imported from
+# here, so the worker finds the same package whatever its default path holds.
+_BOOT_CMD = "import sys; sys.path.insert(0, sys.argv[2]); from procsched.worker import main; main()"
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Started(NamedTuple):
@@ -151,7 +154,7 @@ class LocalBackend:
         fds = (ch.fd, *bell.fds(), self.sup_bell.write_fd, death_r)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOT_CMD, json.dumps(boot)],
+                [sys.executable, "-c", _BOOT_CMD, pickle.dumps(boot).hex(), _ROOT],
                 pass_fds=fds,
                 stdin=subprocess.DEVNULL,
             )
@@ -382,9 +385,9 @@ class LocalBackend:
             if slot.ch is not None and slot.ch.outbound.has_data():
                 self._drain(slot, now)
         for fd, _ in ready:
-            slot = self.by_sentinel.get(fd)
-            if slot is not None:
-                self._reap(slot, now)
+            dead = self.by_sentinel.get(fd)
+            if dead is not None:
+                self._reap(dead, now)
         events, self.events = self.events, []
         return events
 

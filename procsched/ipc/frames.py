@@ -29,7 +29,11 @@ Stdlib only: workers import this module.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from collections import namedtuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NamedTuple
 
 RUN, STOP, SPILL = 1, 2, 3
 HELLO, OUTCOMES = 10, 11
@@ -49,22 +53,27 @@ _ERROR = struct.Struct("<III")
 _PID = struct.Struct("<BQ")
 
 
-class Dispatch(NamedTuple):
-    job_id: int
-    attempt: int
-    flags: int
-    fn: bytes
-    args: bytes
-    resume: bytes
-    oob: bytes
+if TYPE_CHECKING:  # the typed view, for the checker
 
+    class Dispatch(NamedTuple):
+        job_id: int
+        attempt: int
+        flags: int
+        fn: bytes
+        args: bytes
+        resume: bytes
+        oob: bytes
 
-class Outcome(NamedTuple):
-    job_id: int
-    status: int
-    run_us: int
-    payload: bytes
-    oob: bytes
+    class Outcome(NamedTuple):
+        job_id: int
+        status: int
+        run_us: int
+        payload: bytes
+        oob: bytes
+
+else:  # the same tuples at run time, without importing typing (~8 ms of a worker's boot)
+    Dispatch = namedtuple("Dispatch", "job_id attempt flags fn args resume oob")
+    Outcome = namedtuple("Outcome", "job_id status run_us payload oob")
 
 
 def kind(frame: bytes) -> int:
@@ -135,7 +144,7 @@ def encode_hello(pid: int) -> bytes:
 
 
 def decode_hello(frame: bytes) -> int:
-    return _PID.unpack(frame)[1]
+    return int(_PID.unpack(frame)[1])
 
 
 def encode_spill(descriptor: bytes) -> bytes:

@@ -27,7 +27,10 @@ import mmap
 import os
 import struct
 from collections.abc import Sequence
-from typing import Any
+
+TYPE_CHECKING = False  # typing costs a worker ~8 ms at boot; annotations are strings anyway
+if TYPE_CHECKING:
+    from typing import Any
 
 try:  # the same primitive multiprocessing.shared_memory uses, without its tracker
     import _posixshmem
