@@ -30,7 +30,7 @@ import types
 import weakref
 from collections.abc import Callable, Sequence
 
-from .errors import RemoteError, SerializationError, rebuild
+from .errors import Preempted, RemoteError, SerializationError, rebuild
 from .ipc import frames
 
 TYPE_CHECKING = False  # typing costs a worker ~8 ms at boot; annotations are strings anyway
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 OOB_MIN = 128 * 1024  # buffers at least this large travel out of band
+_IN_BAND = float("inf")  # as an ``oob_min``: every buffer stays in the pickle stream
 _MAIN = b"__main__"
 
 
@@ -65,11 +66,11 @@ def _wrap(value: Any) -> Any:
     return value
 
 
-def _dumps(obj: Any, buffers: list[pickle.PickleBuffer]) -> bytes:
+def _dumps(obj: Any, buffers: list[pickle.PickleBuffer], oob_min: float = OOB_MIN) -> bytes:
     """Pickle with the C pickler, falling back to cloudpickle; big buffers to ``buffers``."""
 
     def keep(buf: pickle.PickleBuffer) -> bool:
-        if buf.raw().nbytes < OOB_MIN:
+        if buf.raw().nbytes < oob_min:
             return True  # small: in band
         buffers.append(buf)
         return False
@@ -168,9 +169,43 @@ class CallEncoder:
         except Exception as e:
             raise SerializationError(f"cannot pickle the arguments of {_name(fn)}: {e}") from e
 
+
 def run_chunk(fn: Callable[..., Any], chunk: Sequence[tuple[Any, ...]]) -> list[Any]:
-    """Runs in a worker: one job that is a chunk of ``map`` calls."""
+    """Runs in a worker: one job made of an explicit ``map`` chunk; one failure fails it all."""
     return [fn(*args) for args in chunk]
+
+
+class ItemError:
+    """One failed call of a batch of ``map`` calls: its error payload (see :func:`dump_error`)."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ItemError, (self.payload,)
+
+    def error(self) -> BaseException:
+        return load_error(self.payload)
+
+
+def run_calls(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """Runs in a worker: a batch of ``map`` calls that keep their own outcomes.
+
+    A call that raises becomes an :class:`ItemError` in its place, so the
+    caller sees each call's result or exception as if it had been a job of
+    its own. ``Preempted`` still stops the whole batch (it is about the job).
+    """
+    out: list[Any] = []
+    for args in calls:
+        try:
+            out.append(fn(*args))
+        except Preempted:
+            raise
+        except BaseException as e:  # noqa: BLE001 - the call's failure, like a job's
+            out.append(ItemError(dump_error(e)))
+    return out
 
 
 def _name(fn: Any) -> str:
@@ -195,6 +230,14 @@ def dump_value(value: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
         raise SerializationError(f"cannot pickle the job's result of type {type(value).__qualname__}: {e}") from e
 
 
+def dump_state(state: Any) -> bytes:
+    """Pickle a checkpoint with every buffer in band: the supervisor keeps it as bytes alone."""
+    try:
+        return _dumps(state, [], _IN_BAND)
+    except Exception as e:
+        raise SerializationError(f"cannot pickle the job's checkpoint of type {type(state).__qualname__}: {e}") from e
+
+
 def _type_names(exc: BaseException) -> list[str]:
     return [f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__]
 
@@ -205,7 +248,7 @@ def dump_error(exc: BaseException) -> bytes:
 
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
-        pickled = _dumps(exc, [])  # buffers stay in band: errors are small
+        pickled = _dumps(exc, [], _IN_BAND)  # an error payload has no room for out-of-band buffers
     except Exception:
         pickled = b""
     return frames.encode_error(_type_names(exc), str(exc), tb, pickled)

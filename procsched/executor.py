@@ -9,10 +9,10 @@ posts the job to the loop; everything after that is the loop's.
 Differences from ``ProcessPoolExecutor``, on purpose:
 
 * a crashed worker fails (or retries) one job, never the pool;
-* ``map``'s ``chunksize`` defaults to ``None``: chunks sized like
-  ``multiprocessing.Pool.map`` (about four per worker), which is what makes
-  mapping tiny functions fast; pass ``chunksize=1`` for one job per item.
-  Job options (timeout, retries) then apply to a chunk.
+* ``map`` with the default ``chunksize=1`` keeps the stdlib's per-call
+  outcomes but sends the calls in batches (about four per worker, as
+  ``multiprocessing.Pool.map`` sizes its chunks) unless a ``timeout`` or
+  ``retries`` option asks for one job per call; see :meth:`Pool.map`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import loky
 
-from .codec import CallEncoder, run_chunk
+from .codec import CallEncoder, ItemError, run_calls, run_chunk
 from .config import load_pool_settings
 from .futures import JobFuture
 from .ipc import oob
@@ -74,45 +74,84 @@ class _Submitter:
         fn: Callable[..., T],
         *iterables: Iterable[Any],
         timeout: float | None = None,
-        chunksize: int | None = None,
+        chunksize: int | None = 1,
     ) -> Iterator[T]:
-        """Like ``Executor.map``: results in order, lazily; every call submitted now.
+        """Like ``Executor.map``: every call submitted now, results yielded in order.
 
-        ``chunksize=None`` groups calls into about four jobs per worker (the
-        rule of ``multiprocessing.Pool.map``); ``1`` makes one job per call.
+        With ``chunksize=1`` (the default; ``None`` means the same) each call
+        keeps its own outcome, as in the stdlib: an exception is raised when
+        the iteration reaches that call, after the results before it. Unless
+        the options set a ``timeout`` or ``retries`` (which are per job),
+        procsched still sends the calls in batches of about a quarter of the
+        calls per worker (the size ``multiprocessing.Pool.map`` picks), which
+        is what makes mapping small functions fast. An explicit
+        ``chunksize > 1`` makes each chunk one job, as ``ProcessPoolExecutor``
+        does: a failing call fails its whole chunk.
         """
-        if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
-            raise ValueError(f"chunksize must be a positive int or None, not {chunksize!r}")
+        if chunksize is None:
+            chunksize = 1
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
         pool = self._pool
         end = None if timeout is None else time.monotonic() + timeout
         calls = list(zip(*iterables))
-        if chunksize is None:
+        runner: Callable[..., Any] = run_chunk
+        if chunksize == 1 and not self._opts.timeout and not self._opts.retries.retries:
             chunksize = min(_MAX_CHUNK, max(1, -(-len(calls) // (4 * pool._max_workers))))
+            runner = run_calls
         if chunksize == 1:
             jobs = [pool._make_job(self._opts, fn, args, {}) for args in calls]
         else:
             jobs = [
-                pool._make_job(self._opts, run_chunk, (fn, calls[i : i + chunksize]), {}, label=_label(fn))
+                pool._make_job(self._opts, runner, (fn, calls[i : i + chunksize]), {}, label=_label(fn))
                 for i in range(0, len(calls), chunksize)
             ]
+        del calls
         with pool._lock:
             if pool._closed:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             pool._sup.post(jobs)
-        return _results([j.future for j in jobs], end, chunksize > 1)
+        futures = [j.future for j in jobs]
+        del jobs
+        if chunksize == 1:
+            return _results(futures, end)
+        return _chunk_results(futures, end, runner is run_calls)
 
 
-def _results(futures: list[JobFuture], end: float | None, chunked: bool) -> Iterator[Any]:
+# The iterators below hold no reference to a value they have yielded (like
+# the stdlib's), so a caller that drops a result lets it be freed at once.
+
+
+def _result(fut: JobFuture, end: float | None) -> Any:
+    try:
+        try:
+            return fut.result() if end is None else fut.result(end - time.monotonic())
+        finally:
+            fut.cancel()  # a no-op once done; a timed-out call is not left queued
+    finally:
+        del fut
+
+
+def _results(futures: list[JobFuture], end: float | None) -> Iterator[Any]:
     futures.reverse()
     try:
         while futures:
-            fut = futures[-1]
-            value = fut.result() if end is None else fut.result(end - time.monotonic())
-            futures.pop()
-            if chunked:
-                yield from value
-            else:
-                yield value
+            yield _result(futures.pop(), end)
+    finally:
+        for fut in futures:
+            fut.cancel()
+
+
+def _chunk_results(futures: list[JobFuture], end: float | None, per_call: bool) -> Iterator[Any]:
+    futures.reverse()
+    try:
+        while futures:
+            values = _result(futures.pop(), end)
+            values.reverse()
+            while values:
+                if per_call and type(values[-1]) is ItemError:
+                    raise values.pop().error()
+                yield values.pop()
     finally:
         for fut in futures:
             fut.cancel()
@@ -200,22 +239,26 @@ class Pool(_Submitter, Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting jobs; with ``wait``, return once every worker is gone."""
         self._close(cancel_futures, kill=False)
-        if wait and threading.current_thread() is not self._sup.thread:
-            self._sup.thread.join()
+        if wait:
+            self._join()
 
     def terminate(self) -> None:
         """Cancel what is queued, kill what runs, and return once all is gone."""
         self._close(True, kill=True)
-        if threading.current_thread() is not self._sup.thread:
-            self._sup.thread.join()
+        self._join()
 
     def _close(self, cancel_futures: bool, kill: bool) -> None:
         with self._lock:
             first = not self._closed
             self._closed = True
-            if first or kill:
+            if first or cancel_futures or kill:
                 self._sup.post(("shutdown", cancel_futures, kill))
-        if first:
+
+    def _join(self) -> None:
+        if threading.current_thread() is not self._sup.thread:
+            self._sup.thread.join()
+            # Until here the exit hook stays: after shutdown(wait=False) the
+            # interpreter still waits for the accepted jobs, as the stdlib does.
             atexit.unregister(self._at_exit)
 
     def _at_exit(self) -> None:

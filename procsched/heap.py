@@ -24,7 +24,9 @@ class ReadyQueue:
         self.aging_rate = aging_rate
         self._lanes: tuple[list[tuple[float, int, int]], list[tuple[float, int, int]]] = ([], [])
         self._seq = itertools.count(1)
-        self._front = itertools.count(-1, -1)
+        # Below every regular number, and rising: jobs put back together (a
+        # preempted job, then the prefetch recalled behind it) keep their order.
+        self._front = itertools.count(-(1 << 62))
 
     def push(self, job_id: int, priority: int, hot: bool, queued_at: float, front: bool = False) -> None:
         seq = next(self._front) if front else next(self._seq)

@@ -49,7 +49,7 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
         factor: float = 2.0,
         max_backoff: float = 60.0,
         jitter: float = 0.1,
-        on: Iterable[type[BaseException] | str] = (Exception,),
+        on: type[BaseException] | str | Iterable[type[BaseException] | str] = (Exception,),
         crashes: bool = True,
         timeouts: bool = True,
     ) -> RetryPolicy:

@@ -26,5 +26,9 @@ def should_retry(policy: RetryPolicy, attempt: int, kind: str, type_names: Seque
 
 def backoff(policy: RetryPolicy, retry: int, draw: float) -> float:
     """Seconds before retry number ``retry`` (1-based); ``draw`` is uniform in [0, 1)."""
-    base = min(policy.backoff * policy.factor ** (retry - 1), policy.max_backoff)
+    try:
+        grown = policy.backoff * policy.factor ** (retry - 1)
+    except OverflowError:  # a long retry series: factor ** n is past any float, and any cap
+        grown = float("inf") if policy.backoff else 0.0
+    base = min(grown, policy.max_backoff)
     return max(0.0, base * (1.0 + policy.jitter * (2.0 * draw - 1.0)))

@@ -120,6 +120,9 @@ class Supervisor:
         """Hand a Job, a list of Jobs, or a control tuple to the loop."""
         self.intake.append(message)
         if self.sleeping:
+            # One ring per sleep: posts that race this one see False and skip
+            # the syscall (a rare double ring is harmless).
+            self.sleeping = False
             self.bell.ring()
 
     # -- the loop -------------------------------------------------------------
@@ -176,6 +179,7 @@ class Supervisor:
                 for job in msg:
                     self._admit(job, now)
             elif msg[0] == "shutdown":
+                self._dispatch(now)  # what was submitted before may still take a free worker
                 self._shutdown(cancel_futures=msg[1], kill=msg[2])
 
     def _admit(self, job: Job, now: float) -> None:

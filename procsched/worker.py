@@ -43,10 +43,10 @@ _FN_CACHE_MAX = 1024
 def _die_with_parent(parent: int) -> None:
     """Ask the kernel to SIGKILL us when the supervisor dies.
 
-    Called once the first job has been answered or the worker first goes
-    idle, not at boot: loading ctypes costs a few milliseconds that would
-    otherwise delay the pool's first result. Until then the death pipe
-    covers the gap (the worker exits when it next waits).
+    Called when the worker first goes idle or before its first job, whichever
+    comes first, not at boot: loading ctypes costs a few milliseconds. Not
+    after the first job either: while a job runs nothing reads the death pipe,
+    so a long first job would outlive a killed supervisor.
     """
     if sys.platform.startswith("linux"):
         try:
@@ -107,10 +107,10 @@ class Worker:
 
     def send_checkpoint(self, job_id: int, state: Any) -> None:
         try:
-            payload, buffers = codec.dump_value(state)
+            payload = codec.dump_state(state)  # in band: it comes back as a resume, bytes alone
         except SerializationError:
             return  # an unpicklable checkpoint is kept only in the job itself
-        self.send([frames.Outcome(job_id, frames.CHECKPOINT, 0, payload, self.place(buffers))])
+        self.send([frames.Outcome(job_id, frames.CHECKPOINT, 0, payload, b"")])
 
     # -- the loop -------------------------------------------------------------
     def serve(self) -> None:
@@ -144,10 +144,10 @@ class Worker:
                             return
                 continue
             job = self.pending.popleft()
+            if not self.guarded:  # before the job: a long one must not outlive its supervisor
+                self.guard()
             words[W_STARTED] = job.job_id
             self.send([self.run(job)])
-            if not self.guarded:
-                self.guard()
             words[W_STARTED] = 0  # between jobs: a death now costs no job
             if self.soft_rss and not self.recycling and _rss() > self.soft_rss:
                 self.recycling = True
@@ -215,7 +215,8 @@ class Worker:
             context._enter(None)
             del args, kwargs, buffers
         try:
-            payload, bufs = codec.dump_value(value)
+            # a preempted job's state comes back as its resume: in band, bytes alone
+            payload, bufs = (codec.dump_state(value), []) if status == frames.PREEMPTED else codec.dump_value(value)
         except SerializationError as e:
             return frames.Outcome(job.job_id, frames.ERROR, _us(t0), codec.dump_error(e), b"")
         return frames.Outcome(job.job_id, status, _us(t0), payload, self.place(bufs))

@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from .errors import MemoryLimitExceeded, WorkerCrashed
+from .errors import MemoryLimitExceeded, WorkerCrashed, describe_exit
 from .ipc import frames, oob
 from .ipc.doorbell import Doorbell
 from .ipc.ring import W_RECALL, W_STARTED, W_STOP, W_YIELD, Channel
@@ -119,7 +119,10 @@ class LocalBackend:
         self.slots = [_Slot(i) for i in range(config.max_workers)]
         self.by_job: dict[int, _Slot] = {}
         self.events: list[Event] = []
-        self.ewma_s = 0.001  # running estimate of a job's duration
+        # Running estimate of a job's duration; it starts at prefetch_s, so that
+        # a worker holds one job beyond the running one until jobs are seen
+        # to be short (an unknown job may be long: don't hoard work).
+        self.ewma_s = config.prefetch_s
         self.boot_failures = 0
         self.restarts = 0
         self.spills = 0
@@ -167,13 +170,17 @@ class LocalBackend:
             self._boot_failed(slot, now)
             return
         os.close(death_r)
+        previous = slot.pid
         slot.proc, slot.pid, slot.ch, slot.bell, slot.death_w = proc, proc.pid, ch, bell, death_w
         slot.state, slot.booted_at, slot.done = BOOTING, now, 0
         slot.kill_at, slot.killing, slot.recalling, slot.yield_job = 0.0, {}, False, 0
         slot.sentinel = os.pidfd_open(proc.pid)
         self.by_sentinel[slot.sentinel] = slot
         self.poller.register(slot.sentinel, select.POLLIN)
-        log.debug("worker_spawned", worker=slot.index, pid=proc.pid)
+        if previous:
+            log.info("worker_respawned", worker=slot.index, pid=proc.pid, previous=previous)
+        else:
+            log.debug("worker_spawned", worker=slot.index, pid=proc.pid)
 
     def _boot_failed(self, slot: _Slot, now: float) -> None:
         self.boot_failures += 1
@@ -196,14 +203,15 @@ class LocalBackend:
         stopped = slot.state == RETIRING and not slot.outstanding and code == 0
         if stopped:
             log.debug("worker_exited", worker=slot.index, pid=slot.pid, exitcode=code)
-        else:
-            log.warning(
-                "worker_died",
+        else:  # runs are the backend's ids; the supervisor logs each job's fate by job id
+            killed_for = sorted(set(slot.killing.values()))
+            (log.info if killed_for else log.warning)(
+                "worker_killed" if killed_for else "worker_died",
                 worker=slot.index,
                 pid=slot.pid,
-                exitcode=code,
-                killed_for=sorted(set(slot.killing.values())) or None,
-                jobs=list(slot.outstanding)[:3] or None,
+                exit=describe_exit(code),
+                killed_for=killed_for or None,
+                runs=list(slot.outstanding)[:3] or None,
             )
         for job_id in slot.outstanding:
             self.by_job.pop(job_id, None)
@@ -271,7 +279,7 @@ class LocalBackend:
             slot.killing[job_id] = reason
         if slot.state != DEAD:
             slot.state = RETIRING
-        log.info("worker_kill", worker=slot.index, pid=slot.pid, job=job_id or None, reason=reason)
+        log.info("worker_kill", worker=slot.index, pid=slot.pid, run=job_id or None, reason=reason)
         assert slot.ch is not None
         slot.ch.words[W_STOP] = 1
         self._signal(slot, sig)
@@ -284,9 +292,20 @@ class LocalBackend:
         extra = int(cfg.prefetch_s / max(self.ewma_s, 1e-5))
         return 1 + max(0, min(extra, cfg.max_prefetch))
 
+    def _room(self, slot: _Slot, limit: int) -> int:
+        """Jobs ``slot`` may take now: its prefetch, within what is left of its task budget.
+
+        A worker runs its prefetched jobs before the supervisor can retire it,
+        so ``max_tasks_per_child`` is kept by never handing it more.
+        """
+        room = limit - len(slot.outstanding)
+        if self.config.max_tasks_per_child:
+            room = min(room, self.config.max_tasks_per_child - slot.done - len(slot.outstanding))
+        return max(0, room)
+
     def headroom(self) -> int:
         limit = self._limit()
-        return sum(max(0, limit - len(s.outstanding)) for s in self.slots if s.state == READY and not s.recalling)
+        return sum(self._room(s, limit) for s in self.slots if _accepting(s))
 
     def idle_workers(self) -> int:
         return sum(1 for s in self.slots if s.idle)
@@ -294,7 +313,7 @@ class LocalBackend:
     def start(self, dispatches: list[frames.Dispatch], track: Iterable[int] = ()) -> None:
         """Place jobs, filling the emptiest workers first; ``len <= headroom()``."""
         limit = self._limit()
-        ready = [s for s in self.slots if s.state == READY and not s.recalling]
+        ready = [s for s in self.slots if _accepting(s)]
         ready.sort(key=lambda s: len(s.outstanding))
         tracked = set(track)
         i = 0
@@ -303,7 +322,7 @@ class LocalBackend:
         for slot in ready:
             if i >= n:
                 break
-            take = min(per, limit - len(slot.outstanding), n - i)
+            take = min(per, self._room(slot, limit), n - i)
             if take <= 0:
                 continue
             self._send(slot, dispatches[i : i + take], tracked)
@@ -311,7 +330,7 @@ class LocalBackend:
         for slot in ready:  # whatever the even split left over
             if i >= n:
                 break
-            take = min(limit - len(slot.outstanding), n - i)
+            take = min(self._room(slot, limit), n - i)
             if take > 0:
                 self._send(slot, dispatches[i : i + take], tracked)
                 i += take
@@ -345,7 +364,7 @@ class LocalBackend:
             self.by_job[d.job_id] = slot
             if d.job_id in tracked:
                 slot.track.add(d.job_id)
-        if was_idle and slot.outstanding and slot.outstanding[0] in slot.track:
+        if was_idle and slot.state == READY and slot.outstanding[0] in slot.track:
             self.events.append(Started(slot.outstanding[0], time.monotonic()))
         if ring.publish():
             slot.bell.ring()
@@ -362,7 +381,7 @@ class LocalBackend:
         slot.yield_job = job_id
         slot.yield_deadline = now + kill_after if kill_after is not None else 0.0
         self._recall(slot)
-        log.info("preempt_requested", worker=slot.index, job=job_id, kill_after=kill_after)
+        log.info("preempt_requested", worker=slot.index, run=job_id, kill_after=kill_after)
         return True
 
     def cancel_yield(self, job_id: int) -> None:
@@ -428,6 +447,8 @@ class LocalBackend:
                 log.info("pool_recovered", worker=slot.index)
             self.boot_failures = 0
             log.debug("worker_ready", worker=slot.index, pid=pid, boot_ms=round((time.monotonic() - slot.booted_at) * 1e3, 1))
+            if slot.outstanding and slot.outstanding[0] in slot.track:  # its clock starts now, not at dispatch
+                self.events.append(Started(slot.outstanding[0], time.monotonic()))
 
     def _outcomes(self, slot: _Slot, outcomes: list[frames.Outcome], now: float) -> None:
         events = self.events
@@ -529,7 +550,7 @@ class LocalBackend:
                 if rss > limit:
                     s.last_rss = rss
                     job = s.outstanding[0] if s.outstanding else 0
-                    log.warning("worker_memory_exceeded", worker=s.index, pid=s.pid, job=job or None, rss=rss, limit=limit)
+                    log.warning("worker_memory_exceeded", worker=s.index, pid=s.pid, run=job or None, rss=rss, limit=limit)
                     self._kill_slot(s, "memory", now, job, sig=signal.SIGKILL)
 
     # -- shutdown -------------------------------------------------------------
@@ -561,6 +582,11 @@ class LocalBackend:
             "restarts": self.restarts,
             "degraded": self.degraded,
         }
+
+
+def _accepting(slot: _Slot) -> bool:
+    """Whether jobs may be placed on the worker (a booting one finds them in its ring)."""
+    return slot.state in (BOOTING, READY) and not slot.recalling
 
 
 def _rss(pid: int) -> int:
