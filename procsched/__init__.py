@@ -41,24 +41,28 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from .config import ConfigError
-    from .context import JobContext, cancel_requested, checkpoint, current_job
-    from .errors import (
-        JobFailed,
-        JobTimeout,
-        MemoryLimitExceeded,
-        PoolError,
-        Preempted,
-        ProcschedError,
-        RemoteError,
-        RemoteTraceback,
-        SerializationError,
-        WorkerCrashed,
-    )
-    from .executor import Pool, PoolView
-    from .futures import JobFuture
-    from .model import JobOptions, PoolConfig, RetryPolicy
+if TYPE_CHECKING:  # "X as X": explicit re-exports, so strict type checkers see them
+    from .config import ConfigError as ConfigError
+    from .context import JobContext as JobContext
+    from .context import cancel_requested as cancel_requested
+    from .context import checkpoint as checkpoint
+    from .context import current_job as current_job
+    from .errors import JobFailed as JobFailed
+    from .errors import JobTimeout as JobTimeout
+    from .errors import MemoryLimitExceeded as MemoryLimitExceeded
+    from .errors import PoolError as PoolError
+    from .errors import Preempted as Preempted
+    from .errors import ProcschedError as ProcschedError
+    from .errors import RemoteError as RemoteError
+    from .errors import RemoteTraceback as RemoteTraceback
+    from .errors import SerializationError as SerializationError
+    from .errors import WorkerCrashed as WorkerCrashed
+    from .executor import Pool as Pool
+    from .executor import PoolView as PoolView
+    from .futures import JobFuture as JobFuture
+    from .model import JobOptions as JobOptions
+    from .model import PoolConfig as PoolConfig
+    from .model import RetryPolicy as RetryPolicy
 
 
 def __getattr__(name: str) -> Any:

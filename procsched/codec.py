@@ -251,7 +251,11 @@ def dump_error(exc: BaseException) -> bytes:
         pickled = _dumps(exc, [], _IN_BAND)  # an error payload has no room for out-of-band buffers
     except Exception:
         pickled = b""
-    return frames.encode_error(_type_names(exc), str(exc), tb, pickled)
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ fails the job, not the worker that reports it
+        message = "<exception str() failed>"
+    return frames.encode_error(_type_names(exc), message, tb, pickled)
 
 
 # -- caller side -------------------------------------------------------------

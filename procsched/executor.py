@@ -62,11 +62,9 @@ class _Submitter:
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> JobFuture:
         """Schedule ``fn(*args, **kwargs)``; returns its future."""
         pool = self._pool
+        pool._check_open()
         job = pool._make_job(self._opts, fn, args, kwargs)
-        with pool._lock:
-            if pool._closed:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            pool._sup.post(job)
+        pool._post([job])
         return job.future
 
     def map(
@@ -93,24 +91,27 @@ class _Submitter:
         if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
         pool = self._pool
+        pool._check_open()
         end = None if timeout is None else time.monotonic() + timeout
         calls = list(zip(*iterables))
         runner: Callable[..., Any] = run_chunk
         if chunksize == 1 and not self._opts.timeout and not self._opts.retries.retries:
             chunksize = min(_MAX_CHUNK, max(1, -(-len(calls) // (4 * pool._max_workers))))
             runner = run_calls
-        if chunksize == 1:
-            jobs = [pool._make_job(self._opts, fn, args, {}) for args in calls]
-        else:
-            jobs = [
-                pool._make_job(self._opts, runner, (fn, calls[i : i + chunksize]), {}, label=_label(fn))
-                for i in range(0, len(calls), chunksize)
-            ]
+        jobs: list[Job] = []
+        try:
+            if chunksize == 1:
+                jobs.extend(pool._make_job(self._opts, fn, args, {}) for args in calls)
+            else:
+                jobs.extend(
+                    pool._make_job(self._opts, runner, (fn, calls[i : i + chunksize]), {}, label=_label(fn))
+                    for i in range(0, len(calls), chunksize)
+                )
+        except BaseException:
+            _discard(jobs)  # a call that cannot be pickled: the ones made before it are never posted
+            raise
         del calls
-        with pool._lock:
-            if pool._closed:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            pool._sup.post(jobs)
+        pool._post(jobs)
         futures = [j.future for j in jobs]
         del jobs
         if chunksize == 1:
@@ -235,6 +236,19 @@ class Pool(_Submitter, Executor):
         fut.job_id = job_id
         return Job(job_id, fut, opts.name or label or _label(fn), fn_bytes, flags, args_bytes, desc, opts)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def _post(self, jobs: list[Job]) -> None:
+        """Hand jobs to the loop; after shutdown, drop their argument segments and raise."""
+        with self._lock:
+            if not self._closed:
+                self._sup.post(jobs[0] if len(jobs) == 1 else jobs)
+                return
+        _discard(jobs)
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
     # -- lifecycle ------------------------------------------------------------
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting jobs; with ``wait``, return once every worker is gone."""
@@ -287,6 +301,13 @@ class Pool(_Submitter, Executor):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<procsched.Pool max_workers={self._max_workers} {state}>"
+
+
+def _discard(jobs: list[Job]) -> None:
+    """Unlink the argument segments of jobs that will never reach the loop."""
+    for job in jobs:
+        if job.oob:
+            oob.unlink(oob.segment_name(job.oob))
 
 
 def _check_config(c: PoolConfig) -> None:

@@ -58,7 +58,12 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
         _num("factor", factor, 1)
         _num("max_backoff", max_backoff, 0)
         _num("jitter", jitter, 0, 1)
+        for flag, value in (("crashes", crashes), ("timeouts", timeouts)):
+            if not isinstance(value, bool):  # bool("no") would be True
+                raise TypeError(f"retry option {flag!r} must be a bool, not {type(value).__name__}")
         names = []
+        if not isinstance(on, (type, str)) and not hasattr(on, "__iter__"):
+            raise TypeError(f"retry option 'on' takes exception classes, not {on!r}")
         for t in (on,) if isinstance(on, (type, str)) else on:
             if isinstance(t, str):
                 names.append(t)
@@ -139,10 +144,14 @@ def make_options(base: JobOptions, changes: dict[str, Any]) -> JobOptions:
     if out.get("name") is not None and not isinstance(out["name"], str):
         raise TypeError(f"option 'name' must be a str, not {type(out['name']).__name__}")
     if "tags" in out:
-        tags = out["tags"]
-        if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
-            raise TypeError("option 'tags' must be an iterable of str")
-        out["tags"] = tuple(tags)
+        given = out["tags"]
+        try:  # a tuple first: all() would exhaust a generator before tuple() saw it
+            tags = None if isinstance(given, str) else tuple(given)
+        except TypeError:
+            tags = None
+        if tags is None or not all(isinstance(t, str) for t in tags):
+            raise TypeError(f"option 'tags' must be an iterable of str, not {given!r:.60}")
+        out["tags"] = tags
     return msgspec.structs.replace(base, **out)
 
 

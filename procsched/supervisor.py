@@ -150,8 +150,10 @@ class Supervisor:
                 self._event(ev, now)
             if self.timers and self.timers[0][0] <= now:
                 self._fire_timers(now)
-            backend.tick(now)
+            # dispatch before tick: a preemption no longer needed (its hot job
+            # placed or cancelled) is called off before tick() kills for it
             self._dispatch(now)
+            backend.tick(now)
             if self.closing and not self.jobs and not self.intake:
                 break
             wake = min(self.timers[0][0] if self.timers else float("inf"), backend.next_deadline())
@@ -233,6 +235,8 @@ class Supervisor:
             if self._claim(job):
                 assert job is not None
                 backend.start_hot(self._dispatch_frame(job), job.opts.timeout is not None)
+        while (head := q.peek_hot()) is not None and _stale(jobs.get(head)):  # cancelled while waiting
+            self._claim(jobs.get(q.pop_hot()))  # settles it
         if q.hot:
             self._preempt(q.hot, now)
             return  # cold work waits while a hot job does: a worker must come free
@@ -392,6 +396,11 @@ class Supervisor:
         out["jobs"] = len(self.jobs)
         out.update(self.backend.stats())
         return out
+
+
+def _stale(job: Job | None) -> bool:
+    """A queue entry that will never run: gone, no longer queued, or cancelled by its caller."""
+    return job is None or job.state != QUEUED or job.future.cancelled()
 
 
 def _short(error: BaseException) -> str:

@@ -147,11 +147,14 @@ class Worker:
             if not self.guarded:  # before the job: a long one must not outlive its supervisor
                 self.guard()
             words[W_STARTED] = job.job_id
-            self.send([self.run(job)])
-            words[W_STARTED] = 0  # between jobs: a death now costs no job
+            outcomes = [self.run(job)]
             if self.soft_rss and not self.recycling and _rss() > self.soft_rss:
+                # In the outcome's frame: the supervisor retires us before the
+                # job's caller hears of it, so a job it submits next goes elsewhere.
                 self.recycling = True
-                self.send([frames.Outcome(0, frames.RECYCLE, 0, b"", b"")])
+                outcomes.append(frames.Outcome(0, frames.RECYCLE, 0, b"", b""))
+            self.send(outcomes)
+            words[W_STARTED] = 0  # between jobs: a death now costs no job
 
     def guard(self) -> None:
         self.guarded = True
