@@ -94,6 +94,12 @@ class WorkerCrashed(JobFailed):
             except ValueError:
                 pass
 
+    def for_job(self, job: str) -> WorkerCrashed:
+        """Name the job it cost (also in ``args``, so a pickled copy keeps it)."""
+        self.job = job
+        self.args = (*self.args[:-1], job)
+        return self
+
     @property
     def signal_name(self) -> str | None:
         return self.signal.name if self.signal is not None else None

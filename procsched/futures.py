@@ -7,12 +7,23 @@ client data out of the supervisor). The first ``result()`` or
 object. Waiters (``wait``, ``as_completed``, callbacks) work unchanged: a
 failed job is resolved through ``set_exception`` with a placeholder, so
 ``FIRST_EXCEPTION`` sees it as a failure.
+
+A future's condition variable is made only when someone needs it: a thread
+that waits, cancels or adds a callback. Most futures of a large batch are
+resolved before anyone looks at them, so the supervisor settles them under
+one module lock instead (:data:`_LAZY`), and ``result()`` on a finished
+future takes no lock at all. The stdlib's own waiters (``wait``,
+``as_completed``) read ``_condition`` and so create it, which keeps their
+protocol intact: every state change happens either under ``_LAZY`` while no
+condition exists, or under the condition once it does, never both.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Any
 
 from . import codec
@@ -36,22 +47,90 @@ class EncodedError(Exception):
         self.payload = payload
 
 
+_LAZY = threading.Lock()  # guards the creation of every JobFuture's condition
+_DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+
+
 class JobFuture(Future):  # type: ignore[type-arg]
     """The future of one procsched job. ``job_id`` names it in logs and stats."""
 
     job_id: int = 0
 
+    def __init__(self) -> None:  # Future.__init__ without its condition (see the module doc)
+        self._cond: threading.Condition | None = None
+        self._state = PENDING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        cond = self._cond
+        if cond is None:
+            with _LAZY:
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = threading.Condition()
+        return cond
+
+    # -- the supervisor's side: lock-light while nobody watches ----------------
+    def set_running_or_notify_cancel(self) -> bool:
+        if self._cond is None:
+            with _LAZY:
+                if self._cond is None:
+                    if self._state == PENDING:
+                        self._state = RUNNING
+                        return True
+                    if self._state == CANCELLED:
+                        self._state = CANCELLED_AND_NOTIFIED
+                        return False
+        return super().set_running_or_notify_cancel()
+
+    def set_result(self, result: Any) -> None:
+        if self._cond is None:
+            with _LAZY:
+                if self._cond is None and self._state not in _DONE:
+                    self._result = result
+                    self._state = FINISHED
+                    return
+        super().set_result(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        if self._cond is None:
+            with _LAZY:
+                if self._cond is None and self._state not in _DONE:
+                    self._exception = exception
+                    self._state = FINISHED
+                    return
+        super().set_exception(exception)
+
+    # -- reads: one attribute, atomic under the GIL -----------------------------
+    def done(self) -> bool:
+        return self._state in _DONE
+
+    def running(self) -> bool:
+        return self._state == RUNNING
+
+    def cancelled(self) -> bool:
+        return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+
+    # -- the caller's side ------------------------------------------------------
     def result(self, timeout: float | None = None) -> Any:
-        try:
-            value = super().result(timeout)
-        except EncodedError:
-            value = EncodedError
-        if value is EncodedError:  # raised outside the except block: no chained context
-            raise self._decode_error()
+        if self._state == FINISHED and self._exception is None:
+            value = self._result  # settled: no lock, no wait
+        else:
+            try:
+                value = super().result(timeout)
+            except EncodedError:
+                value = EncodedError
+            if value is EncodedError:  # raised outside the except block: no chained context
+                raise self._decode_error()
         if type(value) is Encoded:
-            value = codec.load_value(value.payload, value.buffers)
             with self._condition:
-                self._result = value
+                value = self._result
+                if type(value) is Encoded:  # decode once, even when two threads ask at once
+                    value = self._result = codec.load_value(value.payload, value.buffers)
         return value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:

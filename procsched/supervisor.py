@@ -124,6 +124,10 @@ class Supervisor:
             # the syscall (a rare double ring is harmless).
             self.sleeping = False
             self.bell.ring()
+        elif type(message) is tuple:
+            # Control messages always ring: if an exception (Ctrl-C) struck a
+            # poster between the two lines above, this still wakes the loop.
+            self.bell.ring()
 
     # -- the loop -------------------------------------------------------------
     def _main(self) -> None:
@@ -321,8 +325,7 @@ class Supervisor:
                 self.stats.preempted += 1
                 self._requeue(job, now)
             else:
-                err: WorkerCrashed = ev.error
-                err.job = f"{job.label}#{job.id}"
+                err: WorkerCrashed = ev.error.for_job(f"{job.label}#{job.id}")
                 self._failed(job, policy.CRASH, err, (), now)
 
     def _end_run(self, job: Job) -> None:

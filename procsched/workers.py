@@ -160,6 +160,7 @@ class LocalBackend:
                 [sys.executable, "-c", _BOOT_CMD, pickle.dumps(boot).hex(), _ROOT],
                 pass_fds=fds,
                 stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: a kill reaches what the job started
             )
         except OSError as e:
             os.close(death_r)
@@ -260,9 +261,14 @@ class LocalBackend:
         slot.proc = None
 
     def _signal(self, slot: _Slot, sig: int) -> None:
+        """Signal the worker and every process its job started (its process group).
+
+        Only while the worker is unreaped, so its pid (the group's id) cannot
+        have been reused by anyone else.
+        """
         if slot.proc is not None and slot.proc.returncode is None:
             try:
-                slot.proc.send_signal(sig)
+                os.killpg(slot.pid, sig)
             except ProcessLookupError:
                 pass
 
@@ -567,7 +573,7 @@ class LocalBackend:
             try:
                 s.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                s.proc.kill()
+                self._signal(s, signal.SIGKILL)
                 s.proc.wait()
             self._close(s)
             s.state = DEAD
