@@ -185,7 +185,7 @@ class Supervisor:
                 for job in msg:
                     self._admit(job, now)
             elif msg[0] == "shutdown":
-                self._dispatch(now)  # what was submitted before may still take a free worker
+                self._dispatch(now, booting=True)  # what was submitted before may still take a worker
                 self._shutdown(cancel_futures=msg[1], kill=msg[2])
 
     def _admit(self, job: Job, now: float) -> None:
@@ -232,7 +232,7 @@ class Supervisor:
             job.dispatched = True
         return True
 
-    def _dispatch(self, now: float) -> None:
+    def _dispatch(self, now: float, booting: bool = False) -> None:
         q, backend, jobs = self.queue, self.backend, self.jobs
         while q.hot and backend.idle_workers():
             job = jobs.get(q.pop_hot())
@@ -248,7 +248,7 @@ class Supervisor:
             self._cancel_yields()
         if not q.cold:
             return
-        room = backend.headroom()
+        room = backend.headroom(booting)
         if not room:
             return
         batch: list[frames.Dispatch] = []
@@ -263,7 +263,7 @@ class Supervisor:
                 track.append(job.run)
             room -= 1
         if batch:
-            backend.start(batch, track)
+            backend.start(batch, track, booting)
 
     def _preempt(self, waiting: int, now: float) -> None:
         need = waiting - len(self.yielding)

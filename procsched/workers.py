@@ -309,17 +309,17 @@ class LocalBackend:
             room = min(room, self.config.max_tasks_per_child - slot.done - len(slot.outstanding))
         return max(0, room)
 
-    def headroom(self) -> int:
+    def headroom(self, booting: bool = False) -> int:
         limit = self._limit()
-        return sum(self._room(s, limit) for s in self.slots if _accepting(s))
+        return sum(self._room(s, limit) for s in self.slots if _accepting(s, booting))
 
     def idle_workers(self) -> int:
         return sum(1 for s in self.slots if s.idle)
 
-    def start(self, dispatches: list[frames.Dispatch], track: Iterable[int] = ()) -> None:
+    def start(self, dispatches: list[frames.Dispatch], track: Iterable[int] = (), booting: bool = False) -> None:
         """Place jobs, filling the emptiest workers first; ``len <= headroom()``."""
         limit = self._limit()
-        ready = [s for s in self.slots if _accepting(s)]
+        ready = [s for s in self.slots if _accepting(s, booting)]
         ready.sort(key=lambda s: len(s.outstanding))
         tracked = set(track)
         i = 0
@@ -590,9 +590,16 @@ class LocalBackend:
         }
 
 
-def _accepting(slot: _Slot) -> bool:
-    """Whether jobs may be placed on the worker (a booting one finds them in its ring)."""
-    return slot.state in (BOOTING, READY) and not slot.recalling
+def _accepting(slot: _Slot, booting: bool) -> bool:
+    """Whether jobs may be placed on the worker now.
+
+    Normally only on a ready one: a job placed on a booting worker would wait
+    for that worker even when another one comes up first. ``booting`` also
+    allows booting workers (they find the jobs in their ring when they start);
+    the supervisor asks for it once, at shutdown, for the jobs submitted
+    before it, as the stdlib's pool has already queued them by then.
+    """
+    return (slot.state == READY or (booting and slot.state == BOOTING)) and not slot.recalling
 
 
 def _rss(pid: int) -> int:
