@@ -265,7 +265,9 @@ class Pool(_Submitter, Executor):
         with self._lock:
             first = not self._closed
             self._closed = True
-            if first or cancel_futures or kill:
+            # Once the loop has ended its doorbell is closed (its fd number
+            # may belong to another file by now): there is nothing to tell it.
+            if first or ((cancel_futures or kill) and self._sup.thread.is_alive()):
                 self._sup.post(("shutdown", cancel_futures, kill))
 
     def _join(self) -> None:

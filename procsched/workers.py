@@ -119,10 +119,10 @@ class LocalBackend:
         self.slots = [_Slot(i) for i in range(config.max_workers)]
         self.by_job: dict[int, _Slot] = {}
         self.events: list[Event] = []
-        # Running estimate of a job's duration; it starts at prefetch_s, so that
-        # a worker holds one job beyond the running one until jobs are seen
-        # to be short (an unknown job may be long: don't hoard work).
-        self.ewma_s = config.prefetch_s
+        # Running estimate of a job's duration, from the jobs seen to finish.
+        # Until one has, nothing is prefetched: an unknown job may be long, and
+        # a job queued behind it on one worker would wait while another is free.
+        self.ewma_s: float | None = None
         self.boot_failures = 0
         self.restarts = 0
         self.spills = 0
@@ -295,6 +295,8 @@ class LocalBackend:
     # -- dispatch -------------------------------------------------------------
     def _limit(self) -> int:
         cfg = self.config
+        if self.ewma_s is None:
+            return 1
         extra = int(cfg.prefetch_s / max(self.ewma_s, 1e-5))
         return 1 + max(0, min(extra, cfg.max_prefetch))
 
@@ -468,7 +470,8 @@ class LocalBackend:
                 self.by_job.pop(o.job_id, None)
                 slot.track.discard(o.job_id)
                 slot.done += 1
-                self.ewma_s += 0.2 * (max(o.run_us, 10) * 1e-6 - self.ewma_s)
+                took = max(o.run_us, 10) * 1e-6
+                self.ewma_s = took if self.ewma_s is None else self.ewma_s + 0.2 * (took - self.ewma_s)
                 buffers = oob.read(o.oob, unlink_now=True) if o.oob else []
                 # A job that finished before our kill landed is reported all the
                 # same: the supervisor knows whether it still wants the outcome.

@@ -1,0 +1,943 @@
+"""The Executor contract of ``procsched.Pool``, with real worker processes.
+
+Given a pool, when a caller uses it as a ``concurrent.futures.Executor``
+(``submit``, ``map``, futures, ``shutdown``, ``options``), then it behaves as
+that contract says, with procsched's additions: pickling errors raised by
+``submit()`` itself, remote tracebacks, large buffers out of band.
+
+Jobs that must stay running while the test looks block on a gate file (the
+test creates it to release them) and announce their start with a marker
+file; the test waits for markers with a deadline, never for a fixed time.
+``Gate`` opens itself on exit, so a failing assertion cannot leave a pool
+waiting for a blocked job at shutdown.
+
+Job functions live at module level so workers import them by name; numpy
+is imported inside the functions that need it, so a worker that imports
+this module for a tiny job does not pay for it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pytest
+
+import procsched
+from conftest import children, our_segments, wait_for
+
+GATE_DEADLINE = 30.0  # a blocked job gives up after this long (only if a test is broken)
+WAIT = 30.0  # generous deadline for anything the test waits on
+
+
+# -- job functions (run in workers) -----------------------------------------
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def echo(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return args, kwargs
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def reverse(b: bytes | bytearray) -> bytes | bytearray:
+    return b[::-1]
+
+
+def make_bytes(n: int, kind: str) -> bytes | bytearray:
+    data = bytes(i % 251 for i in range(n))
+    return bytearray(data) if kind == "bytearray" else data
+
+
+def touch(path: str) -> str:
+    Path(path).touch()
+    return path
+
+
+def await_file(path: str, timeout: float = GATE_DEADLINE) -> None:
+    end = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > end:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.002)
+
+
+def blocker(started: str, gate: str, value: Any) -> Any:
+    """Announce the start, then wait for the gate to open."""
+    Path(started).touch()
+    await_file(gate)
+    return value
+
+
+def maybe_block(x: int, gate: str | None, done_dir: str) -> int:
+    if gate is not None:
+        await_file(gate)
+    Path(done_dir, f"done{x}").touch()
+    return x * 10
+
+
+class Boom(ValueError):
+    pass
+
+
+def boom(message: str) -> None:
+    raise Boom(message)
+
+
+def fail_on(x: int, bad: int) -> int:
+    if x == bad:
+        raise ValueError(f"item {x} is bad")
+    return x
+
+
+class NeedsTwoArgs(Exception):
+    """Pickles fine, but cannot be rebuilt from its ``args`` on the caller's side."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def raise_needs_two_args() -> None:
+    raise NeedsTwoArgs("left", "right")
+
+
+def return_lock() -> Any:
+    return threading.Lock()
+
+
+def array_roundtrip(a: Any) -> Any:
+    return a
+
+
+def array_times_two(a: Any) -> Any:
+    return a * 2
+
+
+def zero_out(a: Any) -> int:
+    a[...] = 0
+    return int(a.sum())
+
+
+def make_adder(n: int) -> Any:
+    def adder(x: int) -> int:
+        return x + n
+
+    return adder
+
+
+_FACTOR = 2  # read by a by-value lambda; rebound by a test
+
+
+# -- helpers ----------------------------------------------------------------
+
+
+class Gate:
+    """A file the blocked jobs wait for; opened on exit whatever happened."""
+
+    def __init__(self, tmp_path: Path, name: str = "gate") -> None:
+        self.path = tmp_path / name
+        self.tmp_path = tmp_path
+
+    def open(self) -> None:
+        self.path.touch()
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __enter__(self) -> Gate:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.open()
+
+
+def start_blocker(pool: procsched.Pool, gate: Gate, name: str = "blocker") -> cf.Future[Any]:
+    """Submit a job that blocks on ``gate``; return once it runs."""
+    started = gate.tmp_path / f"{name}.started"
+    fut = pool.submit(blocker, str(started), str(gate), name)
+    wait_for(started.exists, WAIT, f"{name} to start")
+    return fut
+
+
+# A job queued behind a running one on a pool of one worker has not begun,
+# so the Executor contract lets cancel() take it back, whatever the pool did
+# before. A fresh pool prefetches nothing until it has seen a job finish; a
+# pool that has run short jobs prefetches several behind the running one
+# (the default config); max_prefetch=0 never does.
+QUEUED_CASES = [
+    pytest.param({}, 0, id="fresh-pool"),
+    pytest.param({}, 100, id="pool-that-ran-short-jobs"),
+    pytest.param({"max_prefetch": 0}, 100, id="no-prefetch"),
+]
+
+
+def warm_up(pool: procsched.Pool, jobs: int) -> int:
+    """Run short jobs first, so the pool knows jobs to be short; how many ran."""
+    assert [f.result(timeout=WAIT) for f in [pool.submit(square, i) for i in range(jobs)]] == [i * i for i in range(jobs)]
+    return jobs
+
+
+def stats_reach(pool: procsched.Pool, **expected: int) -> None:
+    wait_for(lambda: all(pool.stats()[k] == v for k, v in expected.items()), WAIT, f"stats {expected}")
+
+
+def not_begun(pool: procsched.Pool, futures: Sequence[cf.Future[Any]], submitted: int) -> None:
+    """Assert that queued jobs stay not running once the loop has taken them in.
+
+    The loop admits a job and dispatches it in the same turn; a short window
+    after the admission shows what it decided. (A window can only make a
+    wrong decision go unseen, never fail a right one.)
+    """
+    stats_reach(pool, submitted=submitted)
+    end = time.monotonic() + 0.2
+    while True:
+        running = [i for i, f in enumerate(futures) if f.running()]
+        assert not running, f"queued jobs {running} were marked running behind a job that has not ended"
+        if time.monotonic() > end:
+            return
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def closed_pool() -> Iterator[procsched.Pool]:
+    """A pool already shut down (no process left): enough to validate options on."""
+    with procsched.Pool(1) as pool:
+        pass
+    yield pool
+
+
+# -- submit and futures -----------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_submit_returns_result_with_args_and_kwargs() -> None:
+    with procsched.Pool(1) as pool:
+        assert pool.submit(square, 7).result(timeout=WAIT) == 49
+        assert pool.submit(add, 2, b=3).result(timeout=WAIT) == 5
+        assert pool.submit(echo, 1, "two", x=[3]).result(timeout=WAIT) == ((1, "two"), {"x": [3]})
+
+
+@pytest.mark.timeout(30)
+def test_submit_accepts_a_kwarg_named_fn() -> None:
+    with procsched.Pool(1) as pool:
+        assert pool.submit(echo, fn="f", self="s").result(timeout=WAIT) == ((), {"fn": "f", "self": "s"})
+        assert pool.options(priority=1).submit(echo, 1, fn=2).result(timeout=WAIT) == ((1,), {"fn": 2})
+
+
+@pytest.mark.timeout(30)
+def test_submit_rejects_a_non_callable() -> None:
+    with procsched.Pool(1) as pool:
+        with pytest.raises(TypeError, match="not callable"):
+            pool.submit(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(30)
+def test_futures_are_concurrent_futures_and_wait_all_completed() -> None:
+    with procsched.Pool(1) as pool:
+        futs = [pool.submit(square, i) for i in range(20)]
+        assert all(isinstance(f, cf.Future) for f in futs)
+        done, not_done = cf.wait(futs, timeout=WAIT, return_when=cf.ALL_COMPLETED)
+        assert done == set(futs) and not not_done
+        assert [f.result() for f in futs] == [i * i for i in range(20)]
+        assert all(f.done() and not f.cancelled() and not f.running() for f in futs)
+
+
+@pytest.mark.timeout(30)
+def test_wait_first_completed_returns_before_a_blocked_job(tmp_path: Path) -> None:
+    with procsched.Pool(2) as pool, Gate(tmp_path) as gate:
+        slow = pool.submit(blocker, str(tmp_path / "s"), str(gate), "slow")
+        quick = pool.submit(square, 3)
+        done, not_done = cf.wait([slow, quick], timeout=WAIT, return_when=cf.FIRST_COMPLETED)
+        assert done == {quick} and not_done == {slow}
+        gate.open()
+        assert slow.result(timeout=WAIT) == "slow"
+
+
+@pytest.mark.timeout(30)
+def test_wait_first_exception_returns_on_a_failure(tmp_path: Path) -> None:
+    with procsched.Pool(2) as pool, Gate(tmp_path) as gate:
+        slow = pool.submit(blocker, str(tmp_path / "s"), str(gate), "slow")
+        ok = pool.submit(square, 2)
+        assert ok.result(timeout=WAIT) == 4
+        bad = pool.submit(boom, "first exception")
+        done, not_done = cf.wait([slow, ok, bad], timeout=WAIT, return_when=cf.FIRST_EXCEPTION)
+        assert done == {ok, bad} and not_done == {slow}
+        assert isinstance(bad.exception(), Boom)
+
+
+@pytest.mark.timeout(30)
+def test_as_completed_yields_in_completion_order(tmp_path: Path) -> None:
+    with procsched.Pool(2) as pool, Gate(tmp_path) as gate:
+        slow = pool.submit(blocker, str(tmp_path / "s"), str(gate), "slow")
+        quick = pool.submit(square, 5)
+        both: list[cf.Future[Any]] = [slow, quick]
+        it = cf.as_completed(both, timeout=WAIT)
+        assert next(it) is quick
+        gate.open()
+        assert next(it) is slow
+        assert slow.result() == "slow" and quick.result() == 25
+
+
+@pytest.mark.timeout(30)
+def test_add_done_callback_fires_even_if_one_raises() -> None:
+    seen: list[tuple[cf.Future[Any], Any]] = []
+    chained: list[cf.Future[Any]] = []
+    fired = threading.Event()
+
+    with procsched.Pool(1) as pool:
+
+        def broken(f: cf.Future[Any]) -> None:
+            raise RuntimeError("a callback's bug must not hurt the pool")
+
+        def record(f: cf.Future[Any]) -> None:
+            seen.append((f, f.result()))
+            chained.append(pool.submit(square, f.result()))  # submitting from a callback works
+            fired.set()
+
+        fut = pool.submit(square, 3)
+        fut.add_done_callback(broken)
+        fut.add_done_callback(record)
+        assert fired.wait(WAIT)
+        assert seen == [(fut, 9)]
+        assert chained[0].result(timeout=WAIT) == 81
+
+        late: list[cf.Future[Any]] = []
+        fut.add_done_callback(late.append)  # added after completion: runs at once, here
+        assert late == [fut]
+        assert pool.submit(square, 4).result(timeout=WAIT) == 16
+
+
+@pytest.mark.timeout(30)
+def test_result_timeout_raises_timeout_error_for_a_slow_job(tmp_path: Path) -> None:
+    with procsched.Pool(1) as pool, Gate(tmp_path) as gate:
+        fut = pool.submit(blocker, str(tmp_path / "s"), str(gate), "finally")
+        with pytest.raises(TimeoutError):
+            fut.result(timeout=0.2)
+        with pytest.raises(TimeoutError):
+            fut.exception(timeout=0.05)
+        assert not fut.done()
+        gate.open()
+        assert fut.result(timeout=WAIT) == "finally"
+
+
+# -- map --------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("chunksize", [None, 1, 7, 10_000])
+def test_map_results_are_ordered_and_iterables_zip_to_the_shortest(chunksize: int | None) -> None:
+    with procsched.Pool(2) as pool:
+        assert list(pool.map(square, range(200), chunksize=chunksize)) == [i * i for i in range(200)]
+        assert list(pool.map(square, (i for i in range(7)), chunksize=chunksize)) == [i * i for i in range(7)]
+        assert list(pool.map(square, [], chunksize=chunksize)) == []
+        assert list(pool.map(add, [1, 2, 3, 4], [10, 20, 30], chunksize=chunksize)) == [11, 22, 33]
+        assert list(pool.map(add, range(100), iter(range(1000)), chunksize=chunksize)) == [2 * i for i in range(100)]
+        assert list(pool.map(add, range(5), [], chunksize=chunksize)) == []
+
+
+@pytest.mark.timeout(30)
+def test_map_keeps_order_when_a_later_item_finishes_first(tmp_path: Path) -> None:
+    with procsched.Pool(2) as pool, Gate(tmp_path) as gate:
+        it = pool.map(maybe_block, [0, 1], [str(gate), None], [str(tmp_path)] * 2, chunksize=1)
+        wait_for((tmp_path / "done1").exists, WAIT, "item 1 to finish")
+        assert not (tmp_path / "done0").exists()
+        gate.open()
+        assert list(it) == [0, 10]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("chunksize", [None, 1, 7])
+def test_map_yields_early_results_while_the_last_job_runs(tmp_path: Path, chunksize: int | None) -> None:
+    n = 40
+    with procsched.Pool(2) as pool, Gate(tmp_path) as gate:
+        gates = [None] * (n - 1) + [str(gate)]
+        it = pool.map(maybe_block, range(n), gates, [str(tmp_path)] * n, chunksize=chunksize)
+        assert [next(it) for _ in range(n - 5)] == [x * 10 for x in range(n - 5)]
+        assert not (tmp_path / f"done{n - 1}").exists(), "the last job is still blocked on its gate"
+        gate.open()
+        assert list(it) == [x * 10 for x in range(n - 5, n)]
+        assert (tmp_path / f"done{n - 1}").exists()
+
+
+@pytest.mark.timeout(30)
+def test_map_timeout_raises_timeout_error(tmp_path: Path) -> None:
+    with procsched.Pool(2) as pool, Gate(tmp_path) as gate:
+        it = pool.map(blocker, [str(tmp_path / "s")], [str(gate)], ["v"], timeout=0.3)
+        with pytest.raises(TimeoutError):
+            next(it)
+        gate.open()
+    assert not children()
+
+
+@pytest.mark.timeout(30)
+def test_map_exception_surfaces_at_its_item() -> None:
+    with procsched.Pool(2) as pool:
+        it = pool.map(fail_on, range(8), [3] * 8, chunksize=1)
+        assert [next(it) for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(ValueError, match="item 3 is bad") as info:
+            next(it)
+        assert isinstance(info.value.__cause__, procsched.RemoteTraceback)
+        assert "fail_on" in str(info.value.__cause__)
+        assert list(it) == []  # a map that raised is finished
+
+        # the default sends calls in batches, yet each call keeps its own outcome
+        it = pool.map(fail_on, range(200), [150] * 200)
+        assert [next(it) for _ in range(150)] == list(range(150))
+        with pytest.raises(ValueError, match="item 150 is bad"):
+            next(it)
+
+        # an explicit chunksize > 1 makes a chunk one job: it fails as a whole
+        it = pool.map(fail_on, range(200), [155] * 200, chunksize=10)
+        assert [next(it) for _ in range(150)] == list(range(150))
+        with pytest.raises(ValueError, match="item 155 is bad"):
+            next(it)
+        assert pool.submit(square, 2).result(timeout=WAIT) == 4
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("chunksize", [0, -1, "x", 1.5, True])
+def test_map_rejects_an_invalid_chunksize(chunksize: Any) -> None:
+    with procsched.Pool(1) as pool:
+        with pytest.raises(ValueError, match="chunksize"):
+            pool.map(square, range(3), chunksize=chunksize)
+
+
+# -- shutdown and lifecycle -------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_shutdown_wait_waits_for_running_and_queued_work(tmp_path: Path) -> None:
+    with procsched.Pool(1) as pool, Gate(tmp_path) as gate:  # the exit is a second shutdown
+        first = start_blocker(pool, gate)
+        queued = [pool.submit(touch, str(tmp_path / f"q{i}")) for i in range(5)]
+        closer = threading.Thread(target=pool.shutdown, kwargs={"wait": True})
+        closer.start()
+        closer.join(0.2)
+        assert closer.is_alive(), "shutdown(wait=True) returned while a job was blocked"
+        with pytest.raises(RuntimeError, match="shutdown"):
+            pool.submit(square, 1)  # closed at once, even while it drains
+        gate.open()
+        closer.join(WAIT)
+        assert not closer.is_alive()
+    assert first.result(timeout=0) == "blocker"
+    assert [f.result(timeout=0) for f in queued] == [str(tmp_path / f"q{i}") for i in range(5)]
+    assert not children(), "shutdown(wait=True) returned before its workers were gone"
+    assert our_segments() == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("config", "warm"), QUEUED_CASES)
+def test_shutdown_cancel_futures_cancels_queued_and_finishes_running(
+    tmp_path: Path, config: dict[str, Any], warm: int
+) -> None:
+    with procsched.Pool(1, **config) as pool, Gate(tmp_path) as gate:  # the exit is a second shutdown
+        ran = warm_up(pool, warm)
+        running = start_blocker(pool, gate)
+        queued = [pool.submit(touch, str(tmp_path / f"q{i}")) for i in range(5)]
+        not_begun(pool, queued, submitted=ran + 6)
+        pool.shutdown(wait=False, cancel_futures=True)
+        wait_for(lambda: all(f.cancelled() for f in queued), WAIT, "the queued futures to be cancelled")
+        assert not running.done()
+        gate.open()
+        pool.shutdown(wait=True)
+    assert running.result(timeout=0) == "blocker"
+    for f in queued:
+        with pytest.raises(cf.CancelledError):
+            f.result(timeout=0)
+    assert not any(tmp_path.glob("q*")), "a cancelled job ran"
+    assert (pool.stats()["cancelled"], pool.stats()["succeeded"]) == (5, ran + 1)
+
+
+@pytest.mark.timeout(30)
+def test_submit_and_map_after_shutdown_raise_runtime_error_and_leak_nothing() -> None:
+    pool = procsched.Pool(1)
+    pool.shutdown()
+    big = os.urandom(1 << 20)  # would travel out of band: a segment must not be left behind
+    with pytest.raises(RuntimeError, match="shutdown"):
+        pool.submit(square, 2)
+    with pytest.raises(RuntimeError, match="shutdown"):
+        pool.submit(identity, big)
+    with pytest.raises(RuntimeError, match="shutdown"):
+        pool.map(square, range(3))
+    with pytest.raises(RuntimeError, match="shutdown"):
+        pool.map(identity, [big, big], chunksize=1)
+    with pytest.raises(RuntimeError, match="shutdown"):
+        pool.options(priority=1).submit(square, 2)
+    assert our_segments() == []
+
+
+@pytest.mark.timeout(30)
+def test_shutdown_twice_is_fine() -> None:
+    with procsched.Pool(1) as pool:
+        assert pool.submit(square, 3).result(timeout=WAIT) == 9
+        pool.shutdown(wait=True)
+    pool.shutdown(wait=True)
+    # the loop is gone: these must not ring its closed doorbell (an fd number
+    # that may already belong to another file)
+    pool.shutdown(wait=False, cancel_futures=True)
+    pool.terminate()
+    assert not children()
+
+    with procsched.Pool(1) as pool:  # and twice while the loop still runs
+        pool.shutdown(wait=False)
+        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=True)
+    assert not children()
+
+
+@pytest.mark.timeout(30)
+def test_context_manager_shuts_down_and_waits(tmp_path: Path) -> None:
+    with procsched.Pool(1) as pool:
+        assert pool.submit(square, 2).result(timeout=WAIT) == 4
+        futs = [pool.submit(touch, str(tmp_path / f"f{i}")) for i in range(10)]
+    assert all(f.done() for f in futs)
+    assert len(list(tmp_path.glob("f*"))) == 10
+    assert not children()
+    with pytest.raises(RuntimeError):
+        pool.submit(square, 2)
+    assert "closed" in repr(pool)
+
+
+@pytest.mark.timeout(30)
+def test_max_workers_defaults_to_the_loky_cpu_count() -> None:
+    import loky
+
+    with procsched.Pool() as pool:
+        assert pool.max_workers == loky.cpu_count()
+        assert len(pool.stats()["workers"]) == loky.cpu_count()
+        assert sorted(pool.map(square, range(10))) == [i * i for i in range(10)]
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError), ("2", TypeError)],
+)
+def test_invalid_max_workers_is_rejected(value: Any, error: type[Exception]) -> None:
+    with pytest.raises(error, match="max_workers"):
+        procsched.Pool(value)
+    assert not children()
+
+
+@pytest.mark.timeout(10)
+def test_unknown_pool_keyword_raises_type_error_naming_it() -> None:
+    with pytest.raises(TypeError, match="max_worker_count"):
+        procsched.Pool(2, max_worker_count=3)
+    assert not children()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("ring_bytes", 10), ("max_prefetch", -1), ("kill_grace", -0.5), ("stop_timeout", "5"), ("max_tasks_per_child", 1.5)],
+)
+def test_invalid_pool_option_names_it(option: str, value: Any) -> None:
+    with pytest.raises((ValueError, TypeError), match=option):
+        procsched.Pool(1, **{option: value})
+    assert not children()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("config", "warm"), QUEUED_CASES)
+def test_cancel_a_queued_job_prevents_it_from_running(tmp_path: Path, config: dict[str, Any], warm: int) -> None:
+    victim_ran = tmp_path / "victim"
+    with procsched.Pool(1, **config) as pool, Gate(tmp_path) as gate:
+        ran = warm_up(pool, warm)
+        first = start_blocker(pool, gate)
+        victim = pool.submit(touch, str(victim_ran))
+        not_begun(pool, [victim], submitted=ran + 2)
+        assert victim.cancel() is True
+        assert victim.cancelled() and victim.done()
+        assert first.cancel() is False, "a running job cannot be cancelled"
+        gate.open()
+        assert first.result(timeout=WAIT) == "blocker"
+        # FIFO: once a later job has run, the victim would have run before it.
+        assert pool.submit(touch, str(tmp_path / "after")).result(timeout=WAIT)
+        stats_reach(pool, cancelled=1, succeeded=ran + 2)
+    assert not victim_ran.exists()
+    with pytest.raises(cf.CancelledError):
+        victim.result()
+
+
+# -- job options -------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_options_are_accepted_and_jobs_run_with_them() -> None:
+    policy = procsched.RetryPolicy.make(2, backoff=0.01, on=[KeyError])
+    with procsched.Pool(1) as pool:
+        view = pool.options(priority=5, hot=True, timeout=10, retries=policy, preempt="kill", name="job", tags=["a", "b"])
+        opts = view.job_options
+        assert (opts.priority, opts.hot, opts.timeout, opts.retries, opts.preempt, opts.name, opts.tags) == (
+            5, True, 10.0, policy, "kill", "job", ("a", "b"),
+        )
+        assert isinstance(opts.timeout, float)
+        assert view.submit(square, 6).result(timeout=WAIT) == 36
+        assert list(view.map(square, range(5))) == [0, 1, 4, 9, 16]
+        assert pool.options(retries=3).job_options.retries.retries == 3
+        assert pool.options(timeout=None, name=None).job_options.timeout is None
+        assert pool.options(tags=(t for t in ["g1", "g2"])).job_options.tags == ("g1", "g2")
+        assert pool.options(tags=[]).job_options.tags == ()
+
+
+@pytest.mark.timeout(10)
+def test_options_chain_and_leave_the_pool_unchanged() -> None:
+    with procsched.Pool(1) as pool:
+        view = pool.options(priority=1).options(timeout=5).options(tags=("x",))
+        opts = view.job_options
+        assert (opts.priority, opts.timeout, opts.tags) == (1, 5.0, ("x",))
+        assert view.options(priority=2).job_options.timeout == 5.0
+        assert opts.priority == 1, "a derived view does not change its parent"
+        assert pool.options().job_options == procsched.JobOptions()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("changes", "name"),
+    [
+        ({"priority": "high"}, "priority"),
+        ({"priority": 1.5}, "priority"),
+        ({"priority": True}, "priority"),
+        ({"hot": "yes"}, "hot"),
+        ({"hot": 1}, "hot"),
+        ({"timeout": -1}, "timeout"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": float("nan")}, "timeout"),
+        ({"timeout": float("inf")}, "timeout"),
+        ({"timeout": "5"}, "timeout"),
+        ({"timeout": True}, "timeout"),
+        ({"retries": -1}, "retries"),
+        ({"retries": "3"}, "retries"),
+        ({"retries": 1.5}, "retries"),
+        ({"retries": True}, "retries"),
+        ({"preempt": "maybe"}, "preempt"),
+        ({"preempt": None}, "preempt"),
+        ({"name": 3}, "name"),
+        ({"tags": "abc"}, "tags"),
+        ({"tags": [1, 2]}, "tags"),
+        ({"tags": 5}, "tags"),
+        ({"tags": None}, "tags"),
+        ({"priorty": 1}, "priorty"),
+    ],
+)
+def test_invalid_option_raises_naming_the_option(closed_pool: procsched.Pool, changes: dict[str, Any], name: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=name):
+        closed_pool.options(**changes)
+    with pytest.raises((ValueError, TypeError), match=name):
+        closed_pool.options(priority=1).options(**changes)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"retries": -1}, "retries"),
+        ({"retries": "3"}, "retries"),
+        ({"backoff": -0.1}, "backoff"),
+        ({"backoff": float("nan")}, "backoff"),
+        ({"factor": 0.5}, "factor"),
+        ({"max_backoff": float("inf")}, "max_backoff"),
+        ({"jitter": 1.5}, "jitter"),
+        ({"jitter": "0.1"}, "jitter"),
+        ({"on": [42]}, "on"),
+        ({"on": [int]}, "on"),
+        ({"on": 42}, "on"),
+        ({"crashes": "no"}, "crashes"),
+        ({"timeouts": None}, "timeouts"),
+    ],
+)
+def test_retry_policy_make_validates(kwargs: dict[str, Any], name: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=name):
+        procsched.RetryPolicy.make(**kwargs)
+
+
+@pytest.mark.timeout(10)
+def test_retry_policy_make_normalises() -> None:
+    p = procsched.RetryPolicy.make(3, backoff=1, on=ValueError, crashes=False)
+    assert (p.retries, p.backoff, p.on, p.crashes, p.timeouts) == (3, 1.0, ("builtins.ValueError",), False, True)
+    assert procsched.RetryPolicy.make(on=["pkg.MyError", KeyError]).on == ("pkg.MyError", "builtins.KeyError")
+
+
+# -- cloudpickle ----------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_lambdas_closures_and_nested_functions_run() -> None:
+    k = 7
+
+    def nested(x: int) -> int:
+        return x * k
+
+    with procsched.Pool(1) as pool:
+        assert pool.submit(lambda x: x + 1, 41).result(timeout=WAIT) == 42
+        assert pool.submit(make_adder(5), 10).result(timeout=WAIT) == 15
+        assert pool.submit(make_adder(6), 10).result(timeout=WAIT) == 16
+        assert pool.submit(nested, 6).result(timeout=WAIT) == 42
+        assert list(pool.map(lambda x: x * 3, range(10))) == [x * 3 for x in range(10)]
+        assert list(pool.map(nested, range(10), chunksize=1)) == [x * 7 for x in range(10)]
+        assert pool.submit(identity, lambda: "made here").result(timeout=WAIT)() == "made here"
+
+
+@pytest.mark.timeout(30)
+def test_a_rebound_global_is_seen_by_later_submits(monkeypatch: pytest.MonkeyPatch) -> None:
+    by_value = lambda x: x * _FACTOR  # noqa: E731 - pickled by value, with the globals it reads
+    with procsched.Pool(1) as pool:
+        assert pool.submit(by_value, 3).result(timeout=WAIT) == 6
+        monkeypatch.setattr(sys.modules[__name__], "_FACTOR", 10)
+        assert pool.submit(by_value, 3).result(timeout=WAIT) == 30
+        monkeypatch.setattr(sys.modules[__name__], "_FACTOR", 5)
+        assert pool.submit(by_value, 3).result(timeout=WAIT) == 15
+        assert list(pool.map(by_value, range(3))) == [0, 5, 10]
+
+
+MAIN_SCRIPT = """
+import os
+import sys
+
+import procsched
+
+FACTOR = 2
+
+
+class Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def norm2(self):
+        return self.x ** 2 + self.y ** 2
+
+
+def scale(p, k):
+    return Point(p.x * k, p.y * k)
+
+
+def times_factor(x):
+    return x * FACTOR
+
+
+if __name__ == "__main__":
+    with procsched.Pool(2) as pool:
+        p = pool.submit(scale, Point(1, 2), 3).result(timeout=30)
+        print("point", type(p).__name__, isinstance(p, Point), p.x, p.y, p.norm2())
+        print("map", list(pool.map(times_factor, range(5))))
+        print("map1", list(pool.map(scale, [Point(1, 1)], [5], chunksize=1))[0].norm2())
+        FACTOR = 10
+        print("rebound", pool.submit(times_factor, 4).result(timeout=30))
+        print("pid-ok", pool.submit(os.getpid).result(timeout=30) != os.getpid())
+    sys.stdout.flush()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_functions_and_classes_defined_in_main_run(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(MAIN_SCRIPT))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    out, err = proc.communicate(timeout=50)
+    assert proc.returncode == 0, err
+    assert out.splitlines() == [
+        "point Point True 3 6 45",
+        "map [0, 2, 4, 6, 8]",
+        "map1 50",
+        "rebound 40",
+        "pid-ok True",
+    ]
+    assert our_segments(proc.pid) == []
+
+
+@pytest.mark.timeout(30)
+def test_unpicklable_argument_raises_serialization_error_from_submit() -> None:
+    with procsched.Pool(1) as pool:
+        with pytest.raises(procsched.SerializationError, match="identity") as info:
+            pool.submit(identity, threading.Lock())
+        assert isinstance(info.value, pickle.PicklingError)
+        assert isinstance(info.value, procsched.ProcschedError)
+
+        lock = threading.Lock()
+        with pytest.raises(procsched.SerializationError):
+            pool.submit(lambda: lock)  # the function itself cannot be pickled
+        with pytest.raises(procsched.SerializationError):
+            pool.map(identity, [1, threading.Lock()], chunksize=1)
+        with pytest.raises(procsched.SerializationError):
+            pool.map(identity, [1, threading.Lock()], chunksize=2)
+
+        assert pool.submit(square, 3).result(timeout=WAIT) == 9
+        assert list(pool.map(square, range(4))) == [0, 1, 4, 9]
+        stats_reach(pool, submitted=5, succeeded=5)
+
+
+@pytest.mark.timeout(30)
+def test_unpicklable_argument_in_map_leaves_no_segment() -> None:
+    big = os.urandom(1 << 20)
+    with procsched.Pool(1) as pool:
+        with pytest.raises(procsched.SerializationError):
+            pool.map(identity, [big, big, threading.Lock()], chunksize=1)
+        assert our_segments() == []
+        assert pool.submit(len, big).result(timeout=WAIT) == len(big)
+
+
+@pytest.mark.timeout(30)
+def test_unpicklable_result_fails_that_job_alone() -> None:
+    with procsched.Pool(1) as pool:
+        with pytest.raises(procsched.SerializationError, match="lock"):
+            pool.submit(return_lock).result(timeout=WAIT)
+        assert pool.submit(square, 5).result(timeout=WAIT) == 25
+
+
+# -- job exceptions ----------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_job_exception_keeps_its_type_with_the_remote_traceback_as_cause() -> None:
+    with procsched.Pool(1) as pool:
+        fut = pool.submit(boom, "it went wrong")
+        with pytest.raises(Boom, match="it went wrong") as info:
+            fut.result(timeout=WAIT)
+        cause = info.value.__cause__
+        assert isinstance(cause, procsched.RemoteTraceback)
+        assert "boom" in str(cause) and "it went wrong" in str(cause)
+        exc = fut.exception(timeout=0)
+        assert type(exc) is Boom and exc is info.value, "exception() returns the same decoded error"
+        assert fut.done() and not fut.cancelled()
+
+        with pytest.raises(ZeroDivisionError):
+            pool.submit(divmod, 1, 0).result(timeout=WAIT)
+
+
+@pytest.mark.timeout(30)
+def test_job_exception_that_cannot_be_rebuilt_arrives_as_remote_error() -> None:
+    with procsched.Pool(1) as pool:
+        with pytest.raises(procsched.RemoteError) as info:
+            pool.submit(raise_needs_two_args).result(timeout=WAIT)
+        err = info.value
+        assert err.type_name.endswith("NeedsTwoArgs")
+        assert err.message == "left/right"
+        assert "raise_needs_two_args" in str(err.__cause__)
+
+
+# -- large buffers out of band -------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_large_numpy_arrays_round_trip_exactly() -> None:
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((2048, 2048))  # 32 MiB of float64
+    assert a.nbytes == 32 * 2**20
+    with procsched.Pool(1) as pool:
+        back = pool.submit(array_roundtrip, a).result(timeout=WAIT)
+        assert back.dtype == a.dtype and back.shape == a.shape and np.array_equal(back, a)
+        doubled = pool.submit(array_times_two, a[:512]).result(timeout=WAIT)
+        assert np.array_equal(doubled, a[:512] * 2)
+        ints = np.arange(1 << 20, dtype=np.int32).reshape(1024, 1024)
+        assert np.array_equal(pool.submit(array_roundtrip, ints.T).result(timeout=WAIT), ints.T)
+        del back, doubled
+        wait_for(lambda: our_segments() == [], WAIT, "argument and result segments to be unlinked")
+    assert our_segments() == []
+
+
+@pytest.mark.timeout(30)
+def test_a_job_mutating_its_argument_array_does_not_change_the_callers() -> None:
+    np = pytest.importorskip("numpy")
+    a = np.arange(1 << 18, dtype=np.float64)  # 2 MiB: out of band
+    original = a.copy()
+    with procsched.Pool(1) as pool:
+        assert pool.submit(zero_out, a).result(timeout=WAIT) == 0
+        assert np.array_equal(a, original)
+        assert np.array_equal(pool.submit(array_roundtrip, a).result(timeout=WAIT), original)
+    assert our_segments() == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["bytes", "bytearray"])
+def test_large_bytes_and_bytearray_round_trip(kind: str) -> None:
+    data = os.urandom(1 << 20)
+    value = bytearray(data) if kind == "bytearray" else data
+    with procsched.Pool(1) as pool:
+        back = pool.submit(identity, value).result(timeout=WAIT)
+        assert type(back) is type(value) and back == value
+        rev = pool.submit(reverse, value).result(timeout=WAIT)
+        assert type(rev) is type(value) and rev == value[::-1]
+        made = pool.submit(make_bytes, 1 << 20, kind).result(timeout=WAIT)
+        assert type(made) is type(value) and made == make_bytes(1 << 20, kind)
+        assert pool.submit(len, value).result(timeout=WAIT) == 1 << 20
+        del back, rev, made
+        wait_for(lambda: our_segments() == [], WAIT, "argument and result segments to be unlinked")
+    assert our_segments() == []
+
+
+# -- throughput sanity (correctness only, never speed) -----------------------------
+
+
+@pytest.mark.timeout(120)
+def test_many_tiny_jobs_via_submit_all_complete() -> None:
+    n = 100_000
+    with procsched.Pool(2) as pool:
+        futs = [pool.submit(square, i) for i in range(n)]
+        assert sum(f.result(timeout=WAIT) for f in futs) == sum(i * i for i in range(n))
+        stats_reach(pool, succeeded=n, failed=0)
+
+
+@pytest.mark.timeout(120)
+def test_many_tiny_jobs_via_map_all_complete() -> None:
+    n = 100_000
+    with procsched.Pool(2) as pool:
+        assert sum(pool.map(square, range(n))) == sum(i * i for i in range(n))
+        assert sum(pool.map(add, range(n), range(n), chunksize=500)) == n * (n - 1)
+
+
+# -- stats -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_stats_count_outcomes() -> None:
+    with procsched.Pool(1) as pool:
+        ok = [pool.submit(square, i) for i in range(3)]
+        bad = [pool.submit(boom, "x") for _ in range(2)]
+        cf.wait([*ok, *bad], timeout=WAIT)
+        stats_reach(pool, submitted=5, succeeded=3, failed=2, cancelled=0, jobs=0, queued=0)
+    s = pool.stats()
+    assert (s["submitted"], s["succeeded"], s["failed"]) == (5, 3, 2)
+
+
+# -- import hygiene ------------------------------------------------------------------
+
+
+def _modules_after(statement: str, names: list[str]) -> list[str]:
+    code = f"import sys\n{statement}\nprint([n for n in {names!r} if n in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return eval(out.stdout)  # type: ignore[no-any-return]
+
+
+@pytest.mark.timeout(30)
+def test_supervisor_import_does_not_load_cloudpickle() -> None:
+    assert _modules_after("import procsched.supervisor", ["cloudpickle"]) == []
+
+
+@pytest.mark.timeout(30)
+def test_worker_import_loads_only_the_stdlib() -> None:
+    heavy = ["msgspec", "structlog", "loky", "cloudpickle"]
+    assert _modules_after("import procsched.worker", heavy) == []
+    assert "loky" in _modules_after("import procsched.executor", heavy), "the check can see an import"
