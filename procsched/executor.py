@@ -9,6 +9,11 @@ posts the job to the loop; everything after that is the loop's.
 Differences from ``ProcessPoolExecutor``, on purpose:
 
 * a crashed worker fails (or retries) one job, never the pool;
+* a job handed to a worker's prefetch counts as running, as a call in
+  ``ProcessPoolExecutor``'s call queue does: ``cancel()`` returns False for
+  it. The prefetch is small (about ``prefetch_s`` of work at the measured job
+  duration, at most ``max_prefetch`` jobs, none until a job's duration has
+  been measured); every job past it stays cancellable;
 * ``map`` with the default ``chunksize=1`` keeps the stdlib's per-call
   outcomes but sends the calls in batches (about four per worker, as
   ``multiprocessing.Pool.map`` sizes its chunks) unless a ``timeout`` or
@@ -265,9 +270,7 @@ class Pool(_Submitter, Executor):
         with self._lock:
             first = not self._closed
             self._closed = True
-            # Once the loop has ended its doorbell is closed (its fd number
-            # may belong to another file by now): there is nothing to tell it.
-            if first or ((cancel_futures or kill) and self._sup.thread.is_alive()):
+            if first or cancel_futures or kill:  # (dropped if the loop has ended)
                 self._sup.post(("shutdown", cancel_futures, kill))
 
     def _join(self) -> None:

@@ -104,6 +104,8 @@ class Supervisor:
         self.yielding: set[int] = set()
         self.intake: deque[Any] = deque()
         self.sleeping = False
+        self.ended = False
+        self._ended_lock = threading.Lock()
         self.closing = False
         self.killing = False
         self.stats = Stats()
@@ -117,16 +119,28 @@ class Supervisor:
         self.thread.start()
 
     def post(self, message: Any) -> None:
-        """Hand a Job, a list of Jobs, or a control tuple to the loop."""
+        """Hand a Job, a list of Jobs, or a control tuple to the loop.
+
+        Jobs come only while the pool is open, so the loop is running. A
+        control message may come after the loop has ended and closed its
+        doorbell; it is dropped then (under ``_ended_lock``, so the ring can
+        never hit a closed fd whose number was reused).
+        """
+        if type(message) is tuple:
+            with self._ended_lock:
+                if self.ended:
+                    return
+                self.intake.append(message)
+                # Always ring: if an exception (Ctrl-C) struck a poster between
+                # the two lines below, this still wakes the loop.
+                self.sleeping = False
+                self.bell.ring()
+            return
         self.intake.append(message)
         if self.sleeping:
             # One ring per sleep: posts that race this one see False and skip
             # the syscall (a rare double ring is harmless).
             self.sleeping = False
-            self.bell.ring()
-        elif type(message) is tuple:
-            # Control messages always ring: if an exception (Ctrl-C) struck a
-            # poster between the two lines above, this still wakes the loop.
             self.bell.ring()
 
     # -- the loop -------------------------------------------------------------
@@ -139,7 +153,9 @@ class Supervisor:
             self.backend.close(time.monotonic())
         finally:
             oob.sweep(self.prefix)
-            self.bell.close()
+            with self._ended_lock:
+                self.ended = True
+                self.bell.close()
 
     def _loop(self) -> None:
         backend = self.backend

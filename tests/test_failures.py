@@ -335,6 +335,8 @@ def test_crash_matrix(row: Row, tmp_path: Path) -> None:
     gate = str(tmp_path)
     pid: int | None = None
     with procsched.Pool(1) as pool:
+        # Short jobs first: a pool prefetches only once it has measured its jobs short.
+        assert [f.result(timeout=RESULT) for f in [pool.submit(square, i) for i in range(50)]] == [i * i for i in range(50)]
         if row.trigger == SUBMIT:
             with pytest.raises(row.error) as info:
                 pool.submit(row.job, gate, threading.Lock())
