@@ -31,8 +31,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
-import loky
-
 from .codec import CallEncoder, ItemError, run_calls, run_chunk
 from .config import load_pool_settings
 from .futures import JobFuture
@@ -191,6 +189,8 @@ class Pool(_Submitter, Executor):
 
     def __init__(self, max_workers: int | None = None, **config: Any) -> None:
         if max_workers is None:
+            import loky  # here, not at the top: it costs ~60 ms to import, and only this needs it
+
             max_workers = loky.cpu_count()
         if isinstance(max_workers, bool) or not isinstance(max_workers, int):
             raise TypeError(f"max_workers must be an int or None, not {type(max_workers).__name__}")

@@ -143,10 +143,13 @@ class Peer:
     """
 
     key = label = module = ""
+    entry = ""  # the pool class; resolved now, since some libraries load it on first access
     timeouts = False  # per-job timeouts
 
     def __init__(self) -> None:
         self.lib = importlib.import_module(self.module)  # imported outside every timed region
+        if self.entry:
+            getattr(self.lib, self.entry)
 
     def make(self, workers: int) -> Any:
         raise NotImplementedError
@@ -172,6 +175,7 @@ class Peer:
 
 class PPEPeer(Peer):
     key, label, module = "ppe", "ProcessPoolExecutor", "concurrent.futures"
+    entry = "ProcessPoolExecutor"
 
     def make(self, workers: int) -> Any:
         return self.lib.ProcessPoolExecutor(max_workers=workers)
@@ -234,6 +238,7 @@ class PebblePeer(Peer):
 
 class ProcschedPeer(Peer):
     key, label, module = "procsched", "procsched", "procsched"
+    entry = "Pool"
     timeouts = True
 
     def make(self, workers: int) -> Any:

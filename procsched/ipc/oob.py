@@ -41,27 +41,25 @@ SHM_DIR = "/dev/shm"
 PREFIX = "psm_"
 _ALIGN = 64
 _SPAN = struct.Struct("<QQ")
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def pool_prefix(token: str) -> str:
     return f"{PREFIX}{os.getpid()}_{token}_"
 
 
-def _open(name: str, create: bool, size: int = 0) -> mmap.mmap:
+def _fd(name: str, create: bool) -> int:
     flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
     if _posixshmem is not None:
-        fd = _posixshmem.shm_open("/" + name, flags, 0o600)
-    else:  # pragma: no cover
-        fd = os.open(os.path.join(SHM_DIR, name), flags, 0o600)
+        return int(_posixshmem.shm_open("/" + name, flags, 0o600))
+    return os.open(os.path.join(SHM_DIR, name), flags, 0o600)  # pragma: no cover
+
+
+def _map(name: str) -> mmap.mmap:
+    """Map a segment privately: a job that writes into an argument array gets
+    its own copy of the touched pages, and a retry sees the original."""
+    fd = _fd(name, False)
     try:
-        if create:
-            os.ftruncate(fd, size)
-        else:
-            size = os.fstat(fd).st_size
-        # A reader maps privately: a job that writes into an argument array
-        # gets its own copy of the touched pages, and a retry sees the original.
-        return mmap.mmap(fd, size, mmap.MAP_SHARED | _POPULATE if create else mmap.MAP_PRIVATE)
+        return mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_PRIVATE)
     finally:
         os.close(fd)
 
@@ -84,12 +82,18 @@ def write(name: str, buffers: Sequence[Any]) -> bytes:
     for v in views:
         spans.append((total, v.nbytes))
         total += (v.nbytes + _ALIGN - 1) & ~(_ALIGN - 1)
-    mm = _open(name, True, max(total, 1))
+    # pwrite, not mmap and memcpy: the kernel fills each fresh page of the
+    # segment straight from the buffer, with no page fault and no zeroing
+    # first (about twice as fast for large buffers).
+    fd = _fd(name, True)
     try:
         for (off, n), v in zip(spans, views):
-            mm[off : off + n] = v
+            done = 0
+            while done < n:
+                done += os.pwrite(fd, v[done:], off + done)
+        os.ftruncate(fd, max(total, 1))  # the padding reads as zeros
     finally:
-        mm.close()
+        os.close(fd)
     return name.encode() + b"\0" + b"".join(_SPAN.pack(o, n) for o, n in spans)
 
 
@@ -101,7 +105,7 @@ def read(descriptor: bytes, unlink_now: bool) -> list[memoryview]:
     """Map the segment a descriptor names; one view per buffer, zero-copy."""
     cut = descriptor.index(b"\0")
     name = descriptor[:cut].decode()
-    mm = _open(name, False)
+    mm = _map(name)
     if unlink_now:
         unlink(name)
     whole = memoryview(mm)
