@@ -170,9 +170,12 @@ class CallEncoder:
             raise SerializationError(f"cannot pickle the arguments of {_name(fn)}: {e}") from e
 
 
-def run_chunk(fn: Callable[..., Any], chunk: Sequence[tuple[Any, ...]]) -> list[Any]:
-    """Runs in a worker: one job made of an explicit ``map`` chunk; one failure fails it all."""
-    return [fn(*args) for args in chunk]
+def run_chunk(fn: Callable[..., Any], chunk: Sequence[Any], star: bool = True) -> list[Any]:
+    """Runs in a worker: one job made of an explicit ``map`` chunk; one failure fails it all.
+
+    ``star``: each item is a tuple of arguments; otherwise each item is the one argument.
+    """
+    return [fn(*args) for args in chunk] if star else [fn(x) for x in chunk]
 
 
 class ItemError:
@@ -190,22 +193,31 @@ class ItemError:
         return load_error(self.payload)
 
 
-def run_calls(fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]]) -> list[Any]:
+class WithErrors(list):  # type: ignore[type-arg]
+    """The outcomes of a batch of calls of which at least one failed (an :class:`ItemError` in its place)."""
+
+
+def run_calls(fn: Callable[..., Any], calls: Sequence[Any], star: bool = True) -> list[Any]:
     """Runs in a worker: a batch of ``map`` calls that keep their own outcomes.
 
-    A call that raises becomes an :class:`ItemError` in its place, so the
-    caller sees each call's result or exception as if it had been a job of
-    its own. ``Preempted`` still stops the whole batch (it is about the job).
+    A call that raises becomes an :class:`ItemError` in its place, and the
+    list comes back as :class:`WithErrors`, so the caller checks each value
+    only when it must; each call's result or exception reaches the caller as
+    if it had been a job of its own. ``Preempted`` still stops the whole
+    batch (it is about the job). ``star`` as for :func:`run_chunk`.
     """
     out: list[Any] = []
-    for args in calls:
+    append = out.append
+    failed = False
+    for item in calls:
         try:
-            out.append(fn(*args))
+            append(fn(*item) if star else fn(item))
         except Preempted:
             raise
         except BaseException as e:  # noqa: BLE001 - the call's failure, like a job's
-            out.append(ItemError(dump_error(e)))
-    return out
+            append(ItemError(dump_error(e)))
+            failed = True
+    return WithErrors(out) if failed else out
 
 
 def _name(fn: Any) -> str:

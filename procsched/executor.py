@@ -96,7 +96,10 @@ class _Submitter:
         pool = self._pool
         pool._check_open()
         end = None if timeout is None else time.monotonic() + timeout
-        calls = list(zip(*iterables))
+        # One iterable: its items are the arguments (no tuple per call, as
+        # multiprocessing.Pool.map does); several: zipped into tuples.
+        star = len(iterables) != 1
+        calls = list(zip(*iterables)) if star else list(iterables[0])
         runner: Callable[..., Any] = run_chunk
         if chunksize == 1 and not self._opts.timeout and not self._opts.retries.retries:
             chunksize = min(_MAX_CHUNK, max(1, -(-len(calls) // (4 * pool._max_workers))))
@@ -104,10 +107,10 @@ class _Submitter:
         jobs: list[Job] = []
         try:
             if chunksize == 1:
-                jobs.extend(pool._make_job(self._opts, fn, args, {}) for args in calls)
+                jobs.extend(pool._make_job(self._opts, fn, args if star else (args,), {}) for args in calls)
             else:
                 jobs.extend(
-                    pool._make_job(self._opts, runner, (fn, calls[i : i + chunksize]), {}, label=_label(fn))
+                    pool._make_job(self._opts, runner, (fn, calls[i : i + chunksize], star), {}, label=_label(fn))
                     for i in range(0, len(calls), chunksize)
                 )
         except BaseException:
@@ -119,7 +122,7 @@ class _Submitter:
         del jobs
         if chunksize == 1:
             return _results(futures, end)
-        return _chunk_results(futures, end, runner is run_calls)
+        return _chunk_results(futures, end)
 
 
 # The iterators below hold no reference to a value they have yielded (like
@@ -146,14 +149,18 @@ def _results(futures: list[JobFuture], end: float | None) -> Iterator[Any]:
             fut.cancel()
 
 
-def _chunk_results(futures: list[JobFuture], end: float | None, per_call: bool) -> Iterator[Any]:
+def _chunk_results(futures: list[JobFuture], end: float | None) -> Iterator[Any]:
     futures.reverse()
     try:
         while futures:
             values = _result(futures.pop(), end)
             values.reverse()
+            if type(values) is list:  # no call of this batch failed
+                while values:
+                    yield values.pop()
+                continue
             while values:
-                if per_call and type(values[-1]) is ItemError:
+                if type(values[-1]) is ItemError:
                     raise values.pop().error()
                 yield values.pop()
     finally:

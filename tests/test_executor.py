@@ -21,6 +21,7 @@ module for a tiny job does not pay for it.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import os
 import pickle
 import subprocess
@@ -730,6 +731,7 @@ def test_a_rebound_global_is_seen_by_later_submits(monkeypatch: pytest.MonkeyPat
 
 
 MAIN_SCRIPT = """
+import functools
 import os
 import sys
 
@@ -967,3 +969,27 @@ def test_worker_import_loads_only_the_stdlib() -> None:
     heavy = ["msgspec", "structlog", "loky", "cloudpickle"]
     assert _modules_after("import procsched.worker", heavy) == []
     assert "loky" in _modules_after("import procsched.executor", heavy), "the check can see an import"
+
+
+def fail_at(x: int, bad: int) -> int:
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("star", [False, True], ids=["one-iterable", "two-iterables"])
+def test_batched_map_keeps_each_calls_outcome(star: bool) -> None:
+    # 1,000 calls on two workers go out in batches of ~125: the failure of
+    # call 500 must still surface exactly at call 500, after 0..499.
+    with procsched.Pool(2) as pool:
+        if star:
+            it = pool.map(fail_at, range(1000), [500] * 1000)
+        else:
+            it = pool.map(functools.partial(fail_at, bad=500), range(1000))
+        got = [next(it) for _ in range(500)]
+        assert got == list(range(500))
+        with pytest.raises(ValueError, match="bad item 500") as info:
+            next(it)
+        assert isinstance(info.value.__cause__, procsched.RemoteTraceback)
+        assert pool.stats()["submitted"] < 100  # batched, not one job per call
