@@ -11,10 +11,10 @@ failed job is resolved through ``set_exception`` with a placeholder, so
 A future's condition variable is made only when someone needs it: a thread
 that waits, cancels or adds a callback. Most futures of a large batch are
 resolved before anyone looks at them, so the supervisor settles them under
-one module lock instead (:data:`_LAZY`), and ``result()`` on a finished
+a plain per-future lock instead (``_lazy``, cheap to make), and ``result()`` on a finished
 future takes no lock at all. The stdlib's own waiters (``wait``,
 ``as_completed``) read ``_condition`` and so create it, which keeps their
-protocol intact: every state change happens either under ``_LAZY`` while no
+protocol intact: every state change happens either under ``_lazy`` while no
 condition exists, or under the condition once it does, never both.
 """
 
@@ -47,7 +47,7 @@ class EncodedError(Exception):
         self.payload = payload
 
 
-_LAZY = threading.Lock()  # guards the creation of every JobFuture's condition
+_new_lock = threading.Lock  # a C call, unlike Condition()
 _DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
 
@@ -58,6 +58,7 @@ class JobFuture(Future):  # type: ignore[type-arg]
 
     def __init__(self) -> None:  # Future.__init__ without its condition (see the module doc)
         self._cond: threading.Condition | None = None
+        self._lazy = _new_lock()  # guards the condition's creation and the settling without it
         self._state = PENDING
         self._result: Any = None
         self._exception: BaseException | None = None
@@ -68,7 +69,7 @@ class JobFuture(Future):  # type: ignore[type-arg]
     def _condition(self) -> threading.Condition:  # type: ignore[override]
         cond = self._cond
         if cond is None:
-            with _LAZY:
+            with self._lazy:
                 cond = self._cond
                 if cond is None:
                     cond = self._cond = threading.Condition()
@@ -77,7 +78,7 @@ class JobFuture(Future):  # type: ignore[type-arg]
     # -- the supervisor's side: lock-light while nobody watches ----------------
     def set_running_or_notify_cancel(self) -> bool:
         if self._cond is None:
-            with _LAZY:
+            with self._lazy:
                 if self._cond is None:
                     if self._state == PENDING:
                         self._state = RUNNING
@@ -89,7 +90,7 @@ class JobFuture(Future):  # type: ignore[type-arg]
 
     def set_result(self, result: Any) -> None:
         if self._cond is None:
-            with _LAZY:
+            with self._lazy:
                 if self._cond is None and self._state not in _DONE:
                     self._result = result
                     self._state = FINISHED
@@ -98,7 +99,7 @@ class JobFuture(Future):  # type: ignore[type-arg]
 
     def set_exception(self, exception: BaseException | None) -> None:
         if self._cond is None:
-            with _LAZY:
+            with self._lazy:
                 if self._cond is None and self._state not in _DONE:
                     self._exception = exception
                     self._state = FINISHED
