@@ -18,7 +18,9 @@ reads n/a. Each measurement is repeated ``--repeat`` times (default 3) and
 the table shows the median. Unless a row says otherwise, the pool is warmed
 up first (every worker has run a job) and the timed region is the row's work
 only. Job functions are defined at module level, and the subprocess imports
-this file as the module ``bench``, so every peer pickles them by reference.
+this file as the module ``bench``; the jobs live in ``benchjobs.py``, a
+module that imports almost nothing, so every peer pickles them by
+reference and a fresh worker's import of them is cheap.
 
 Rows:
 
@@ -98,36 +100,9 @@ QUICK = dict(FULL, n_submit=2_000, n_map=5_000, n_cpu=200, lat_rounds=300, lat_w
              array_rounds=2, floor_rounds=1_000, limit=60.0)
 
 
-# -- jobs (module level: every peer pickles them by reference) ---------------------
+# -- jobs: module level in benchjobs.py, so every peer pickles them by reference -----
 
-def noop(x: Any = None) -> Any:
-    return x
-
-
-def spin(n: int) -> int:
-    s = 0
-    for i in range(n):
-        s += i
-    return s
-
-
-def pause(seconds: float) -> int:
-    time.sleep(seconds)
-    return os.getpid()
-
-
-def crash() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def nbytes_of(a: Any) -> int:
-    return int(a.nbytes)
-
-
-def make_array(nbytes: int) -> Any:
-    import numpy as np
-
-    return np.ones(nbytes // 8)
+from benchjobs import crash, make_array, nbytes_of, noop, pause, spin  # noqa: E402
 
 
 # -- peer adapters -------------------------------------------------------------------

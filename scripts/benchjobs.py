@@ -1,0 +1,44 @@
+"""The benchmark's job functions, in a module of their own.
+
+A worker started as a fresh interpreter (loky, procsched) imports a job's
+module before it can run the job; keeping these apart from ``bench.py``
+(which imports argparse, subprocess, importlib.metadata, ...) means the
+cold-start row measures the pool, not the harness's imports.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+
+def noop(x: Any = None) -> Any:
+    return x
+
+
+def spin(n: int) -> int:
+    s = 0
+    for i in range(n):
+        s += i
+    return s
+
+
+def pause(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def crash() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def nbytes_of(a: Any) -> int:
+    return int(a.nbytes)
+
+
+def make_array(nbytes: int) -> Any:
+    import numpy as np
+
+    return np.ones(nbytes // 8)
