@@ -89,22 +89,22 @@ class JobFuture(Future):  # type: ignore[type-arg]
         return super().set_running_or_notify_cancel()
 
     def set_result(self, result: Any) -> None:
-        if self._cond is None:
-            with self._lazy:
-                if self._cond is None and self._state not in _DONE:
-                    self._result = result
-                    self._state = FINISHED
-                    return
-        super().set_result(result)
+        if not self._settle(result, None):
+            super().set_result(result)
 
     def set_exception(self, exception: BaseException | None) -> None:
+        if not self._settle(None, exception):
+            super().set_exception(exception)
+
+    def _settle(self, result: Any, exception: BaseException | None) -> bool:
+        """Finish without a condition while none exists; ``False``: take the stdlib's path."""
         if self._cond is None:
             with self._lazy:
                 if self._cond is None and self._state not in _DONE:
-                    self._exception = exception
+                    self._result, self._exception = result, exception
                     self._state = FINISHED
-                    return
-        super().set_exception(exception)
+                    return True
+        return False
 
     # -- reads: one attribute, atomic under the GIL -----------------------------
     def done(self) -> bool:

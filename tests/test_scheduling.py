@@ -103,34 +103,22 @@ def busy_stamp(i: int, seconds: float, mark_at: int, mark: str) -> int:
     return start
 
 
-def cold_with_context(progress: str, preempted: str, finish: str, big: bool) -> tuple[Any, int, int]:
-    """Checkpoints each step through ``current_job()``; returns (resume_from, attempt, last step)."""
+def cold_job(progress: str, preempted: str, finish: str, big: bool, helpers: bool = False) -> tuple[Any, int, int]:
+    """Checkpoints each step; returns (resume_from, attempt, last step).
+
+    Through ``current_job().checkpoint()`` every step, or with ``helpers``
+    through the module-level ``cancel_requested()``/``checkpoint()``,
+    checkpointing only when asked to yield.
+    """
     ctx = procsched.current_job()
     first = ctx.resume_from
     i = 0 if first is None else _step(first)
     tag = "resumed" if first is not None else "first"
     try:
         while True:
-            ctx.checkpoint(_big_state(i) if big else i)
-            _append(progress, f"{tag} {i}")
-            if os.path.exists(finish):
-                return (_summary(first), ctx.attempt, i)
-            i += 1
-            time.sleep(0.001)
-    except procsched.Preempted as p:
-        _append(preempted, repr(_summary(p.state)))
-        raise
-
-
-def cold_with_helpers(progress: str, preempted: str, finish: str, big: bool) -> tuple[Any, int, int]:
-    """The same job through the module-level helpers: yields only when asked."""
-    ctx = procsched.current_job()
-    first = ctx.resume_from
-    i = 0 if first is None else _step(first)
-    tag = "resumed" if first is not None else "first"
-    try:
-        while True:
-            if procsched.cancel_requested():
+            if not helpers:
+                ctx.checkpoint(_big_state(i) if big else i)
+            elif procsched.cancel_requested():
                 procsched.checkpoint(_big_state(i) if big else i)
             _append(progress, f"{tag} {i}")
             if os.path.exists(finish):
@@ -369,13 +357,13 @@ def test_aging_lifts_an_old_low_priority_job(aging_rate: float, expected: list[s
 
 
 @pytest.mark.timeout(40)
-@pytest.mark.parametrize("job", [cold_with_context, cold_with_helpers], ids=["context", "helpers"])
+@pytest.mark.parametrize("helpers", [False, True], ids=["context", "helpers"])
 @pytest.mark.parametrize("big", [False, True], ids=["small-state", "big-state"])
-def test_cold_job_yields_to_hot_job_and_resumes(job: Any, big: bool, tmp_path: Path) -> None:
+def test_cold_job_yields_to_hot_job_and_resumes(helpers: bool, big: bool, tmp_path: Path) -> None:
     progress, preempted, finish = (str(tmp_path / n) for n in ("progress", "preempted", "finish"))
     with procsched.Pool(1) as pool, gates(tmp_path) as g:
         g.gates.append(Path(finish))
-        cold = pool.submit(job, progress, preempted, finish, big)
+        cold = pool.submit(cold_job, progress, preempted, finish, big, helpers)
         wait_for(lambda: len(_lines(progress)) >= 5, WAIT, "the cold job to make progress")
         hot = pool.options(hot=True).submit(stamp)
         hot_ran_at = hot.result(timeout=WAIT)
@@ -470,7 +458,7 @@ def test_kill_policy_job_that_yields_in_time_is_not_killed(tmp_path: Path) -> No
     progress, preempted, finish = (str(tmp_path / n) for n in ("progress", "preempted", "finish"))
     with procsched.Pool(1, preempt_grace=5.0) as pool, gates(tmp_path) as g:
         g.gates.append(Path(finish))
-        cold = pool.options(preempt="kill").submit(cold_with_context, progress, preempted, finish, False)
+        cold = pool.options(preempt="kill").submit(cold_job, progress, preempted, finish, False)
         wait_for(lambda: len(_lines(progress)) >= 3, WAIT, "the cold job to make progress")
         pool.options(hot=True).submit(stamp).result(timeout=WAIT)
         wait_for(lambda: _resumed(progress), WAIT, "the cold job to resume")
