@@ -332,9 +332,9 @@ def test_add_done_callback_fires_even_if_one_raises() -> None:
 def test_result_timeout_raises_timeout_error_for_a_slow_job(tmp_path: Path) -> None:
     with procsched.Pool(1) as pool, Gate(tmp_path) as gate:
         fut = pool.submit(blocker, str(tmp_path / "s"), str(gate), "finally")
-        with pytest.raises(TimeoutError):
+        with pytest.raises(cf.TimeoutError):  # the builtin one on 3.11+
             fut.result(timeout=0.2)
-        with pytest.raises(TimeoutError):
+        with pytest.raises(cf.TimeoutError):  # the builtin one on 3.11+
             fut.exception(timeout=0.05)
         assert not fut.done()
         gate.open()
@@ -384,7 +384,7 @@ def test_map_yields_early_results_while_the_last_job_runs(tmp_path: Path, chunks
 def test_map_timeout_raises_timeout_error(tmp_path: Path) -> None:
     with procsched.Pool(2) as pool, Gate(tmp_path) as gate:
         it = pool.map(blocker, [str(tmp_path / "s")], [str(gate)], ["v"], timeout=0.3)
-        with pytest.raises(TimeoutError):
+        with pytest.raises(cf.TimeoutError):  # the builtin one on 3.11+
             next(it)
         gate.open()
     assert not children()
