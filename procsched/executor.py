@@ -35,6 +35,7 @@ from .codec import CallEncoder, ItemError, run_calls, run_chunk
 from .config import load_pool_settings
 from .futures import JobFuture
 from .ipc import oob
+from .errors import PoolError
 from .model import DEFAULT_OPTIONS, JobOptions, PoolConfig, make_options
 from .supervisor import Job, Supervisor
 
@@ -251,6 +252,8 @@ class Pool(_Submitter, Executor):
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        if self._sup.crashed is not None:
+            raise PoolError(f"the pool is broken: its supervisor crashed ({self._sup.crashed!r})")
 
     def _post(self, jobs: list[Job]) -> None:
         """Hand jobs to the loop; after shutdown, drop their argument segments and raise."""

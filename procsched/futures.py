@@ -106,6 +106,11 @@ class JobFuture(Future):  # type: ignore[type-arg]
                     return True
         return False
 
+    def notify_cancelled(self) -> None:
+        """A cancelled job leaves the pool: wake ``wait()``/``as_completed()`` for it."""
+        if self._state == CANCELLED:
+            self.set_running_or_notify_cancel()
+
     # -- reads: one attribute, atomic under the GIL -----------------------------
     def done(self) -> bool:
         return self._state in _DONE

@@ -54,6 +54,10 @@ log = get_logger("procsched.supervisor")
 QUEUED, PENDING, RUNNING = "queued", "pending", "running"
 SUCCEEDED, FAILED, CANCELLED, TIMED_OUT, CRASHED = "succeeded", "failed", "cancelled", "timed_out", "crashed"
 _TIMEOUT, _RETRY = 0, 1
+# Longest sleep without a timer. Wakeups are event-driven; this only bounds
+# what a wakeup lost to an exception inside post() (Ctrl-C) or a weaker
+# memory order than the ring protocol assumes could cost.
+_BACKSTOP_MS = 1000
 
 
 class Job:
@@ -105,6 +109,7 @@ class Supervisor:
         self.intake: deque[Any] = deque()
         self.sleeping = False
         self.ended = False
+        self.crashed: BaseException | None = None
         self._ended_lock = threading.Lock()
         self.closing = False
         self.killing = False
@@ -137,7 +142,9 @@ class Supervisor:
                 self.bell.ring()
             return
         self.intake.append(message)
-        if self.sleeping:
+        if self.ended:
+            self._refuse_intake()
+        elif self.sleeping:
             # One ring per sleep: posts that race this one see False and skip
             # the syscall (a rare double ring is harmless).
             self.sleeping = False
@@ -149,6 +156,7 @@ class Supervisor:
             self._loop()
         except BaseException as e:  # the loop must not vanish silently: fail every job
             log.exception("supervisor_crashed", error=repr(e))
+            self.crashed = e
             self._abandon(PoolError(f"the pool's supervisor crashed: {e!r}"))
             self.backend.close(time.monotonic())
         finally:
@@ -156,6 +164,24 @@ class Supervisor:
             with self._ended_lock:
                 self.ended = True
                 self.bell.close()
+            self._refuse_intake()
+
+    def _refuse_intake(self) -> None:
+        """Fail jobs posted after the loop ended (possible only when it crashed).
+
+        Called by the loop as it ends and by ``post`` when it finds the loop
+        ended: under the GIL one of the two always sees a racing job.
+        """
+        while self.intake:
+            try:
+                msg = self.intake.popleft()
+            except IndexError:
+                return
+            for job in msg if type(msg) is list else (msg,) if type(msg) is Job else ():
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(PoolError(f"the pool's supervisor crashed: {self.crashed!r}"))
+                if job.oob:
+                    oob.unlink(oob.segment_name(job.oob))
 
     def _loop(self) -> None:
         backend = self.backend
@@ -181,7 +207,7 @@ class Supervisor:
             if self.intake or not backend.prepare_sleep():
                 timeout = 0  # work arrived while we looked: only check for deaths
             elif wake == float("inf"):
-                timeout = -1
+                timeout = _BACKSTOP_MS  # no timer: a lost wakeup still costs at most this
             else:
                 timeout = max(0, int((wake - time.monotonic()) * 1000) + 1)
             ready = poller.poll(timeout)  # also with 0: a busy loop must see worker deaths
@@ -215,6 +241,7 @@ class Supervisor:
         if cancel_futures or kill:
             for job in list(self.jobs.values()):
                 if not job.dispatched and job.future.cancel():
+                    job.future.notify_cancelled()
                     self._finish(job, CANCELLED)
         if kill:
             self.killing = True
@@ -222,11 +249,13 @@ class Supervisor:
 
     def _abandon(self, error: BaseException) -> None:
         for job in list(self.jobs.values()):
-            if not job.future.done():
-                if not job.dispatched:
-                    job.future.set_running_or_notify_cancel()
-                job.future.set_exception(error)
-            self._finish(job, FAILED)
+            fut = job.future
+            if job.dispatched or fut.set_running_or_notify_cancel():  # (a cancelled one is notified)
+                if not fut.done():
+                    fut.set_exception(error)
+                self._finish(job, FAILED)
+            else:
+                self._finish(job, CANCELLED)
 
     # -- dispatch -------------------------------------------------------------
     def _dispatch_frame(self, job: Job) -> frames.Dispatch:

@@ -198,6 +198,7 @@ class LocalBackend:
         """The worker's process has exited: settle its jobs, then respawn."""
         assert slot.proc is not None and slot.ch is not None
         self._drain(slot, now)  # outcomes it published before dying still count
+        self._signal(slot, signal.SIGKILL)  # what its jobs started goes with it (not yet reaped: safe)
         code = slot.proc.wait()
         started = slot.ch.words[W_STARTED]
         booting = slot.state == BOOTING
@@ -307,6 +308,8 @@ class LocalBackend:
         so ``max_tasks_per_child`` is kept by never handing it more.
         """
         room = limit - len(slot.outstanding)
+        if slot.ch is not None and slot.ch.inbound.free() < slot.ch.inbound.max_frame:
+            return 0  # the ring is nearly full: more would not fit until the worker drains it
         if self.config.max_tasks_per_child:
             room = min(room, self.config.max_tasks_per_child - slot.done - len(slot.outstanding))
         return max(0, room)
@@ -364,9 +367,12 @@ class LocalBackend:
                 self._send(slot, batch[half:], tracked)
                 return
             self.spills += 1
-            frame = frames.encode_spill(oob.write(f"{self.prefix}s{self.spills}", [frame]))
-            if not ring.put(frame):  # pragma: no cover - the ring holds at most a prefetch
-                raise RuntimeError("worker ring full")
+            name = f"{self.prefix}s{self.spills}"
+            frame = frames.encode_spill(oob.write(name, [frame]))
+            if not ring.put(frame):  # full even for a spill record: back to the queue, untouched
+                oob.unlink(name)
+                self.events += [Returned(d.job_id) for d in batch]
+                return
         for d in batch:
             slot.outstanding.append(d.job_id)
             self.by_job[d.job_id] = slot
@@ -573,11 +579,14 @@ class LocalBackend:
         for s in self.slots:
             if s.proc is None:
                 continue
-            try:
-                s.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self._signal(s, signal.SIGKILL)
-                s.proc.wait()
+            ms = max(0, int((deadline - time.monotonic()) * 1000))
+            exited = select.select([s.sentinel], [], [], ms / 1000)[0] if s.sentinel >= 0 else []
+            # SIGKILL to the group either way: a worker past the deadline, and
+            # whatever its jobs started. It is still unreaped, so the id is ours.
+            self._signal(s, signal.SIGKILL)
+            if not exited:
+                log.warning("worker_kill_at_shutdown", worker=s.index, pid=s.pid)
+            s.proc.wait()
             self._close(s)
             s.state = DEAD
         self.poller.unregister(self.sup_bell.read_fd)

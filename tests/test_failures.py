@@ -765,3 +765,66 @@ def test_crash_error_keeps_the_job_name_when_pickled() -> None:
     err = procsched.WorkerCrashed(-9, 1234).for_job("work#7")
     copy = pickle.loads(pickle.dumps(err))
     assert copy.job == "work#7" and "work#7" in str(copy) and copy.signal == signal.SIGKILL
+
+
+def spawn_child_and_die(gate: str) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    _put(os.path.join(gate, "child"), str(child.pid))
+    os._exit(3)
+
+
+@pytest.mark.timeout(30)
+def test_crashed_workers_children_are_killed_with_it(tmp_path: Path) -> None:
+    with procsched.Pool(1) as pool:
+        with pytest.raises(procsched.WorkerCrashed):
+            pool.submit(spawn_child_and_die, str(tmp_path)).result(timeout=RESULT)
+        child = _read_int(tmp_path / "child")
+        assert child is not None
+        wait_for(lambda: not _alive(child), RESULT, f"the crashed job's child {child} to be killed")
+
+
+def measure(data: bytes) -> int:
+    return len(data)
+
+
+@pytest.mark.timeout(60)
+def test_a_full_ring_holds_jobs_back_instead_of_breaking_the_pool() -> None:
+    # Tiny jobs teach the pool to prefetch deep; then jobs with 3 KB arguments
+    # would overfill a 64 KiB ring. They must wait their turn, not crash the loop.
+    with procsched.Pool(1, ring_bytes=65536) as pool:
+        assert sum(f.result(timeout=RESULT) for f in [pool.submit(square, 1) for _ in range(300)]) == 300
+        futs = [pool.submit(measure, b"x" * 3000) for _ in range(600)]
+        assert [f.result(timeout=RESULT) for f in futs] == [3000] * 600
+        assert pool.submit(square, 3).result(timeout=RESULT) == 9
+
+
+@pytest.mark.timeout(30)
+def test_jobs_cancelled_at_shutdown_wake_their_waiters(tmp_path: Path) -> None:
+    import concurrent.futures as cf
+
+    pool = procsched.Pool(1, max_prefetch=0)
+    running = pool.submit(blocked, str(tmp_path))
+    _job_pid(tmp_path)
+    queued = pool.submit(square, 2)
+    pool.shutdown(wait=False, cancel_futures=True)
+    done, not_done = cf.wait([queued], timeout=RESULT)  # hung for ever when not notified
+    assert done == {queued} and queued.cancelled()
+    (tmp_path / "go").touch()
+    assert running.result(timeout=RESULT) == "the gate opened"
+    pool.shutdown(wait=True)
+
+
+def _explode(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("injected fault in the supervisor")
+
+
+@pytest.mark.timeout(30)
+def test_a_crashed_supervisor_fails_its_jobs_and_refuses_new_ones() -> None:
+    with procsched.Pool(1) as pool:
+        assert pool.submit(square, 2).result(timeout=RESULT) == 4
+        pool._sup.queue.push = _explode  # type: ignore[method-assign]  # a bug inside the loop
+        with pytest.raises(procsched.PoolError, match="supervisor crashed"):
+            pool.submit(square, 3).result(timeout=RESULT)
+        wait_for(lambda: pool._sup.ended, RESULT, "the loop to end")
+        with pytest.raises(procsched.PoolError, match="broken"):
+            pool.submit(square, 4)
