@@ -30,6 +30,7 @@ import types
 import weakref
 from collections.abc import Callable, Sequence
 
+from . import context
 from .errors import Preempted, RemoteError, SerializationError, rebuild
 from .ipc import frames
 
@@ -175,7 +176,18 @@ def run_chunk(fn: Callable[..., Any], chunk: Sequence[Any], star: bool = True) -
 
     ``star``: each item is a tuple of arguments; otherwise each item is the one argument.
     """
-    return [fn(*args) for args in chunk] if star else [fn(x) for x in chunk]
+    return _run_batch(fn, chunk, star, keep_errors=False)
+
+
+def run_calls(fn: Callable[..., Any], calls: Sequence[Any], star: bool = True) -> list[Any]:
+    """Runs in a worker: a batch of ``map`` calls that keep their own outcomes.
+
+    A call that raises becomes an :class:`ItemError` in its place, and the
+    list comes back as :class:`WithErrors`, so the caller checks each value
+    only when it must; each call's result or exception reaches the caller as
+    if it had been a job of its own. ``star`` as for :func:`run_chunk`.
+    """
+    return _run_batch(fn, calls, star, keep_errors=True)
 
 
 class ItemError:
@@ -197,24 +209,57 @@ class WithErrors(list):  # type: ignore[type-arg]
     """The outcomes of a batch of calls of which at least one failed (an :class:`ItemError` in its place)."""
 
 
-def run_calls(fn: Callable[..., Any], calls: Sequence[Any], star: bool = True) -> list[Any]:
-    """Runs in a worker: a batch of ``map`` calls that keep their own outcomes.
+class BatchState:
+    """A batch's checkpoint: the call that saved ``inner``, and the outcomes before it.
 
-    A call that raises becomes an :class:`ItemError` in its place, and the
-    list comes back as :class:`WithErrors`, so the caller checks each value
-    only when it must; each call's result or exception reaches the caller as
-    if it had been a job of its own. ``Preempted`` still stops the whole
-    batch (it is about the job). ``star`` as for :func:`run_chunk`.
+    ``done`` is ``None`` for a checkpoint streamed while the call ran
+    (``preempt="kill"``): a batch killed then runs again from its first call,
+    and only the call at ``index`` sees ``inner`` as its ``resume_from``.
     """
+
+    __slots__ = ("index", "done", "inner")
+
+    def __init__(self, index: int, done: list[Any] | None, inner: Any) -> None:
+        self.index = index
+        self.done = done
+        self.inner = inner
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return BatchState, (self.index, self.done, self.inner)
+
+
+def _run_batch(fn: Callable[..., Any], calls: Sequence[Any], star: bool, keep_errors: bool) -> list[Any]:
+    """Run ``calls`` in order; a preempted batch resumes at the call that yielded.
+
+    Each call sees its own checkpoint (``current_job().resume_from``), not
+    its neighbours': the job's checkpoint is a :class:`BatchState`.
+    """
+    ctx = context._current
     out: list[Any] = []
+    start, resume_at, inner = 0, -1, None
+    if ctx is not None and type(ctx.resume_from) is BatchState:
+        saved: BatchState = ctx.resume_from
+        resume_at, inner = saved.index, saved.inner
+        if saved.done is not None:
+            start, out = saved.index, list(saved.done)
+    at = [start]  # the running call's index, for streamed checkpoints
+    if ctx is not None and ctx._send is not None:
+        send = ctx._send
+        ctx._send = lambda job_id, state: send(job_id, BatchState(at[0], None, state))
     append = out.append
-    failed = False
-    for item in calls:
+    failed = any(type(v) is ItemError for v in out)
+    for i in range(start, len(calls)):
+        at[0] = i
+        if ctx is not None:
+            ctx.resume_from = inner if i == resume_at else None
+        item = calls[i]
         try:
             append(fn(*item) if star else fn(item))
-        except Preempted:
-            raise
+        except Preempted as p:
+            raise Preempted(BatchState(i, out, p.state)) from None
         except BaseException as e:  # noqa: BLE001 - the call's failure, like a job's
+            if not keep_errors:
+                raise
             append(ItemError(dump_error(e)))
             failed = True
     return WithErrors(out) if failed else out

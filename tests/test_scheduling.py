@@ -23,6 +23,8 @@ pool's shutdown waiting for a blocked job.
 
 from __future__ import annotations
 
+import ast
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -546,3 +548,35 @@ def test_hot_job_starts_promptly_on_a_pool_busy_with_cold_work(tmp_path: Path) -
     # (a few jobs of prefetch at 1 ms each); nothing new is dispatched while a hot job waits
     assert before <= 30, f"the hot job waited behind {before} cold jobs"
     assert after > 0, "the hot job ran only after the whole backlog"
+
+
+def checkpointing_call(log: str, x: int) -> int:
+    """A mapped call that checkpoints four times and logs how it (re)started."""
+    _append(log, repr((x, procsched.current_job().resume_from)))
+    for i in range(4):
+        time.sleep(0.02)
+        procsched.checkpoint(("state", x, i))
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_preempted_map_batch_resumes_at_the_call_that_yielded(tmp_path: Path) -> None:
+    # map batches its calls (12 calls, 1 worker: batches of 3). A hot job
+    # preempts a batch mid-way: the calls it finished must not run again, and
+    # the call that yielded must get its own checkpoint back, nobody else's.
+    log = str(tmp_path / "calls")
+    with procsched.Pool(1) as pool:
+        it = pool.map(functools.partial(checkpointing_call, log), range(12))
+        wait_for(lambda: os.path.exists(log) and len(open(log).read().splitlines()) >= 5, 30, "the map to be under way")
+        assert pool.options(hot=True).submit(abs, -1).result(timeout=30) == 1
+        assert list(it) == list(range(12))
+        assert pool.stats()["preempted"] == 1
+    starts = [ast.literal_eval(line) for line in open(log).read().splitlines()]  # (call, resume_from)
+    calls = [x for x, _ in starts]
+    assert sorted(set(calls)) == list(range(12))
+    again = [x for x in set(calls) if calls.count(x) > 1]
+    assert len(again) == 1, starts  # only the call that yielded ran twice
+    (x,) = again
+    resumed = [r for c, r in starts if c == x][1]
+    assert resumed is not None and resumed[:2] == ("state", x)
+    assert all(r is None for c, r in starts if c != x)
