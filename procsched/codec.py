@@ -265,6 +265,24 @@ def _run_batch(fn: Callable[..., Any], calls: Sequence[Any], star: bool, keep_er
     return WithErrors(out) if failed else out
 
 
+def dump_outcomes(values: list[Any]) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    """``dump_value`` for the outcomes of :func:`run_calls`: a result that
+    cannot be pickled fails its own call (an :class:`ItemError`), not the batch."""
+    try:
+        return dump_value(values)
+    except SerializationError:
+        pass
+    kept = WithErrors()
+    for v in values:
+        try:
+            _dumps(_wrap(v), [])
+            kept.append(v)
+        except Exception as e:
+            err = SerializationError(f"cannot pickle the job's result of type {type(v).__qualname__}: {e}")
+            kept.append(ItemError(dump_error(err)))
+    return dump_value(kept)
+
+
 def _name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 

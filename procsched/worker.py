@@ -219,7 +219,13 @@ class Worker:
             del args, kwargs, buffers
         try:
             # a preempted job's state comes back as its resume: in band, bytes alone
-            payload, bufs = (codec.dump_state(value), []) if status == frames.PREEMPTED else codec.dump_value(value)
+            bufs: list[pickle.PickleBuffer] = []
+            if status == frames.PREEMPTED:
+                payload = codec.dump_state(value)
+            elif fn is codec.run_calls:  # a batch of map calls: each keeps its own outcome
+                payload, bufs = codec.dump_outcomes(value)
+            else:
+                payload, bufs = codec.dump_value(value)
         except SerializationError as e:
             return frames.Outcome(job.job_id, frames.ERROR, _us(t0), codec.dump_error(e), b"")
         return frames.Outcome(job.job_id, status, _us(t0), payload, self.place(bufs))

@@ -993,3 +993,18 @@ def test_batched_map_keeps_each_calls_outcome(star: bool) -> None:
             next(it)
         assert isinstance(info.value.__cause__, procsched.RemoteTraceback)
         assert pool.stats()["submitted"] < 100  # batched, not one job per call
+
+
+def lock_at(x: int, bad: int) -> Any:
+    return threading.Lock() if x == bad else x
+
+
+@pytest.mark.timeout(30)
+def test_batched_map_fails_only_the_call_whose_result_cannot_be_pickled() -> None:
+    # As ProcessPoolExecutor.map: results 0..4 arrive, then the error at call 5.
+    with procsched.Pool(1) as pool:
+        it = pool.map(functools.partial(lock_at, bad=5), range(40))
+        assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+        with pytest.raises(procsched.SerializationError, match="lock"):
+            next(it)
+        assert pool.stats()["submitted"] < 40  # it was batched
