@@ -741,17 +741,27 @@ def test_crash_and_timeout_are_logged(tmp_path: Path, caplog: pytest.LogCaptureF
     assert any(f"job={hung.job_id} " in m and "timeout=0.3" in m for m in timeout), timeout
 
 
-def spawn_child_and_hang(gate: str) -> None:
+def spawn_child_then(gate: str, end: str) -> None:
+    """Start a long-lived child process, then hang (to be timed out) or die."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     _put(os.path.join(gate, "child"), str(child.pid))
+    if end == "die":
+        os._exit(3)
     time.sleep(600)
 
 
 @pytest.mark.timeout(30)
-def test_timeout_kill_reaches_the_processes_the_job_started(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("end", "timeout", "error"),
+    [("hang", 0.5, procsched.JobTimeout), ("die", None, procsched.WorkerCrashed)],
+    ids=["timed-out", "crashed"],
+)
+def test_a_killed_or_dead_workers_job_children_go_with_it(
+    end: str, timeout: float | None, error: type[BaseException], tmp_path: Path
+) -> None:
     with procsched.Pool(1, kill_grace=0.2) as pool:
-        fut = pool.options(timeout=0.5).submit(spawn_child_and_hang, str(tmp_path))
-        with pytest.raises(procsched.JobTimeout):
+        fut = pool.options(timeout=timeout).submit(spawn_child_then, str(tmp_path), end)
+        with pytest.raises(error):
             fut.result(timeout=RESULT)
         child = _read_int(tmp_path / "child")
         assert child is not None
@@ -765,22 +775,6 @@ def test_crash_error_keeps_the_job_name_when_pickled() -> None:
     err = procsched.WorkerCrashed(-9, 1234).for_job("work#7")
     copy = pickle.loads(pickle.dumps(err))
     assert copy.job == "work#7" and "work#7" in str(copy) and copy.signal == signal.SIGKILL
-
-
-def spawn_child_and_die(gate: str) -> None:
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    _put(os.path.join(gate, "child"), str(child.pid))
-    os._exit(3)
-
-
-@pytest.mark.timeout(30)
-def test_crashed_workers_children_are_killed_with_it(tmp_path: Path) -> None:
-    with procsched.Pool(1) as pool:
-        with pytest.raises(procsched.WorkerCrashed):
-            pool.submit(spawn_child_and_die, str(tmp_path)).result(timeout=RESULT)
-        child = _read_int(tmp_path / "child")
-        assert child is not None
-        wait_for(lambda: not _alive(child), RESULT, f"the crashed job's child {child} to be killed")
 
 
 def measure(data: bytes) -> int:
