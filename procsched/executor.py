@@ -33,9 +33,9 @@ from typing import Any, TypeVar
 
 from .codec import CallEncoder, ItemError, run_calls, run_chunk
 from .config import load_pool_settings
+from .errors import PoolError
 from .futures import JobFuture
 from .ipc import oob
-from .errors import PoolError
 from .model import DEFAULT_OPTIONS, JobOptions, PoolConfig, make_options
 from .supervisor import Job, Supervisor
 
