@@ -88,7 +88,9 @@ class _Submitter:
         calls per worker (the size ``multiprocessing.Pool.map`` picks), which
         is what makes mapping small functions fast. An explicit
         ``chunksize > 1`` makes each chunk one job, as ``ProcessPoolExecutor``
-        does: a failing call fails its whole chunk.
+        does: a failing call fails its whole chunk. Either way a worker that
+        dies during a batch or chunk fails every call of it with
+        ``WorkerCrashed`` (or retries the job, per its options).
         """
         if chunksize is None:
             chunksize = 1

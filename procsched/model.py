@@ -91,6 +91,7 @@ class JobOptions(msgspec.Struct, frozen=True, kw_only=True):
 
     priority: int = 0
     hot: bool = False
+    #: seconds from when a free worker is handed the job (unpickling included) to its kill
     timeout: float | None = None
     retries: RetryPolicy = NO_RETRY
     preempt: Preempt = "cooperative"
