@@ -146,10 +146,15 @@ class JobFuture(Future):  # type: ignore[type-arg]
         return exc
 
     def _decode_error(self) -> BaseException:
-        with self._condition:
-            exc = self._exception
-            if type(exc) is EncodedError:
-                exc = self._exception = codec.load_error(exc.payload)
+        exc = self._exception
+        if type(exc) is EncodedError:
+            # Unpickled outside the lock (it may import the class's module);
+            # the first decoding to land is the one every reader gets.
+            decoded = codec.load_error(exc.payload)
+            with self._condition:
+                if self._exception is exc:
+                    self._exception = decoded
+                exc = self._exception
         assert exc is not None
         return exc
 
