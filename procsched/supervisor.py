@@ -23,7 +23,8 @@ threads only ``post()`` messages. Run ids (not job ids) cross to the
 backend, so a late event from an abandoned run (a killed worker, a retried
 job) is recognised and ignored. The loop sleeps in one ``poll`` over the
 doorbell (rung by workers and by ``post``) and every worker's pidfd, with
-the timeout set to the next timer; it never wakes to look for work.
+the timeout set to the next timer (or a 1 s backstop, see ``_BACKSTOP_MS``);
+work and deaths wake it, it does not poll for them.
 
 It never unpickles anything (futures decode on the caller's side) and never
 imports cloudpickle.
