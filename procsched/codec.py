@@ -271,7 +271,22 @@ def dump_outcomes(values: list[Any]) -> tuple[bytes, list[pickle.PickleBuffer]]:
     try:
         return dump_value(values)
     except SerializationError:
-        pass
+        return dump_value(_picklable(values))
+
+
+def dump_batch_state(state: Any) -> bytes:
+    """``dump_state`` for a preempted :func:`run_calls` batch: an outcome kept in
+    its :class:`BatchState` that cannot be pickled fails its own call only."""
+    try:
+        return dump_state(state)
+    except SerializationError:
+        if type(state) is not BatchState or state.done is None:
+            raise
+        return dump_state(BatchState(state.index, _picklable(state.done), state.inner))
+
+
+def _picklable(values: list[Any]) -> WithErrors:
+    """``values`` with each one that cannot be pickled replaced by its call's error."""
     kept = WithErrors()
     for v in values:
         try:
@@ -280,7 +295,7 @@ def dump_outcomes(values: list[Any]) -> tuple[bytes, list[pickle.PickleBuffer]]:
         except Exception as e:
             err = SerializationError(f"cannot pickle the job's result of type {type(v).__qualname__}: {e}")
             kept.append(ItemError(dump_error(err)))
-    return dump_value(kept)
+    return kept
 
 
 def _name(fn: Any) -> str:

@@ -147,9 +147,12 @@ class Supervisor:
             self._refuse_intake()
         elif self.sleeping:
             # One ring per sleep: posts that race this one see False and skip
-            # the syscall (a rare double ring is harmless).
+            # the syscall (a rare double ring is harmless). Under the lock, as
+            # a loop that crashed while asleep closes the doorbell under it.
             self.sleeping = False
-            self.bell.ring()
+            with self._ended_lock:
+                if not self.ended:
+                    self.bell.ring()
 
     # -- the loop -------------------------------------------------------------
     def _main(self) -> None:
@@ -250,6 +253,8 @@ class Supervisor:
 
     def _abandon(self, error: BaseException) -> None:
         for job in list(self.jobs.values()):
+            if job.run:
+                self._end_run(job)  # a late outcome of this run must find nothing to settle
             fut = job.future
             if job.dispatched or fut.set_running_or_notify_cancel():  # (a cancelled one is notified)
                 if not fut.done():

@@ -221,7 +221,7 @@ class Worker:
             # a preempted job's state comes back as its resume: in band, bytes alone
             bufs: list[pickle.PickleBuffer] = []
             if status == frames.PREEMPTED:
-                payload = codec.dump_state(value)
+                payload = codec.dump_batch_state(value) if fn is codec.run_calls else codec.dump_state(value)
             elif fn is codec.run_calls:  # a batch of map calls: each keeps its own outcome
                 payload, bufs = codec.dump_outcomes(value)
             else:

@@ -345,8 +345,8 @@ class LocalBackend:
             if take > 0:
                 self._send(slot, dispatches[i : i + take], tracked)
                 i += take
-        if i < n:
-            raise AssertionError("start() given more jobs than headroom()")
+        if i < n:  # rings filled as they were given jobs: the rest go back to the queue
+            self.events += [Returned(d.job_id) for d in dispatches[i:]]
 
     def start_hot(self, d: frames.Dispatch, track: bool) -> bool:
         for slot in self.slots:
@@ -580,7 +580,11 @@ class LocalBackend:
             if s.proc is None:
                 continue
             ms = max(0, int((deadline - time.monotonic()) * 1000))
-            exited = select.select([s.sentinel], [], [], ms / 1000)[0] if s.sentinel >= 0 else []
+            exited: list[tuple[int, int]] = []
+            if s.sentinel >= 0:  # poll, not select: a pidfd may be numbered past FD_SETSIZE
+                waiter = select.poll()
+                waiter.register(s.sentinel, select.POLLIN)
+                exited = waiter.poll(ms)
             # SIGKILL to the group either way: a worker past the deadline, and
             # whatever its jobs started. It is still unreaped, so the id is ours.
             self._signal(s, signal.SIGKILL)

@@ -822,3 +822,47 @@ def test_a_crashed_supervisor_fails_its_jobs_and_refuses_new_ones() -> None:
         wait_for(lambda: pool._sup.ended, RESULT, "the loop to end")
         with pytest.raises(procsched.PoolError, match="broken"):
             pool.submit(square, 4)
+
+
+def one_ms(x: int) -> int:
+    end = time.perf_counter() + 0.001
+    while time.perf_counter() < end:
+        pass
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_terminate_during_a_busy_batch_keeps_the_supervisor_sound() -> None:
+    # Outcomes already in the rings arrive after terminate() has failed their
+    # jobs: they must be ignored, not settle a future twice (which would crash
+    # the loop and skip the orderly stop).
+    import concurrent.futures as cf
+
+    pool = procsched.Pool(2)
+    futs = [pool.submit(one_ms, i) for i in range(3000)]
+    wait_for(lambda: pool.stats()["succeeded"] >= 50, RESULT, "the batch to be under way")
+    pool.terminate()
+    assert pool._sup.crashed is None
+    done, not_done = cf.wait(futs, timeout=RESULT)
+    assert not not_done
+    for f in futs:
+        assert f.cancelled() or f.exception() is None or isinstance(f.exception(), procsched.PoolError)
+
+
+@pytest.mark.timeout(60)
+def test_pool_works_and_stops_cleanly_with_many_fds_open(tmp_path: Path) -> None:
+    # pidfds numbered past 1024 (FD_SETSIZE) must not break waiting for workers.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the fd limit ({hard}) is too low to push fds past 1024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        pool = procsched.Pool(1)
+        assert pool.submit(square, 5).result(timeout=RESULT) == 25
+        pool.shutdown(wait=True)
+        assert pool._sup.crashed is None
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
