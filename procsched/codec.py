@@ -265,24 +265,25 @@ def _run_batch(fn: Callable[..., Any], calls: Sequence[Any], star: bool, keep_er
     return WithErrors(out) if failed else out
 
 
-def dump_outcomes(values: list[Any]) -> tuple[bytes, list[pickle.PickleBuffer]]:
-    """``dump_value`` for the outcomes of :func:`run_calls`: a result that
-    cannot be pickled fails its own call (an :class:`ItemError`), not the batch."""
-    try:
-        return dump_value(values)
-    except SerializationError:
-        return dump_value(_picklable(values))
+def dump_outcome(fn: Any, value: Any, preempted: bool) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    """Pickle what ``fn`` returned: its result, or with ``preempted`` its checkpoint.
 
-
-def dump_batch_state(state: Any) -> bytes:
-    """``dump_state`` for a preempted :func:`run_calls` batch: an outcome kept in
-    its :class:`BatchState` that cannot be pickled fails its own call only."""
+    A checkpoint travels in band (it comes back as a resume, bytes alone). For
+    a batch of :func:`run_calls`, a result that cannot be pickled fails its
+    own call (an :class:`ItemError`), not the batch; so does one kept in a
+    preempted batch's :class:`BatchState`. Raises ``SerializationError``.
+    """
+    batch = fn is run_calls
     try:
-        return dump_state(state)
+        return (dump_state(value), []) if preempted else dump_value(value)
     except SerializationError:
-        if type(state) is not BatchState or state.done is None:
+        if not batch:
             raise
-        return dump_state(BatchState(state.index, _picklable(state.done), state.inner))
+    if not preempted:
+        return dump_value(_picklable(value))
+    if type(value) is not BatchState or value.done is None:
+        return dump_state(value), []  # raises again: nothing per call to isolate
+    return dump_state(BatchState(value.index, _picklable(value.done), value.inner)), []
 
 
 def _picklable(values: list[Any]) -> WithErrors:

@@ -323,8 +323,7 @@ class Pool(_Submitter, Executor):
 def _discard(jobs: list[Job]) -> None:
     """Unlink the argument segments of jobs that will never reach the loop."""
     for job in jobs:
-        if job.oob:
-            oob.unlink(oob.segment_name(job.oob))
+        job.release_args()
 
 
 def _check_config(c: PoolConfig) -> None:

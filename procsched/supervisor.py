@@ -82,6 +82,11 @@ class Job:
         self.run = 0
         self.dispatched = False
 
+    def release_args(self) -> None:
+        """Unlink the job's argument segment: it has ended, or it never reached the loop."""
+        if self.oob:
+            oob.unlink(oob.segment_name(self.oob))
+
 
 class Stats:
     """Counters of job outcomes since the pool started."""
@@ -184,8 +189,7 @@ class Supervisor:
             for job in msg if type(msg) is list else (msg,) if type(msg) is Job else ():
                 if job.future.set_running_or_notify_cancel():
                     job.future.set_exception(PoolError(f"the pool's supervisor crashed: {self.crashed!r}"))
-                if job.oob:
-                    oob.unlink(oob.segment_name(job.oob))
+                job.release_args()
 
     def _loop(self) -> None:
         backend = self.backend
@@ -407,8 +411,7 @@ class Supervisor:
     def _finish(self, job: Job, state: str) -> None:
         job.state = state
         del self.jobs[job.id]
-        if job.oob:
-            oob.unlink(oob.segment_name(job.oob))
+        job.release_args()
         s = self.stats
         if state == SUCCEEDED:
             s.succeeded += 1

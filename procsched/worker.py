@@ -43,10 +43,10 @@ _FN_CACHE_MAX = 1024
 def _die_with_parent(parent: int) -> None:
     """Ask the kernel to SIGKILL us when the supervisor dies.
 
-    Called when the worker first goes idle or before its first job, whichever
-    comes first, not at boot: loading ctypes costs a few milliseconds. Not
-    after the first job either: while a job runs nothing reads the death pipe,
-    so a long first job would outlive a killed supervisor.
+    Called right after HELLO, so the few milliseconds of loading ctypes
+    overlap the supervisor's first dispatch, and before any job runs: while a
+    job runs nothing reads the death pipe, so it would outlive a killed
+    supervisor.
     """
     if sys.platform.startswith("linux"):
         try:
@@ -81,7 +81,6 @@ class Worker:
         self.seq = 0
         self.recycling = False
         self.parent: int = cfg["parent"]
-        self.guarded = False
 
     # -- sending ------------------------------------------------------------
     def send(self, outcomes: list[frames.Outcome]) -> None:
@@ -115,6 +114,7 @@ class Worker:
     # -- the loop -------------------------------------------------------------
     def serve(self) -> None:
         self.send_frame(frames.encode_hello(os.getpid()))
+        _die_with_parent(self.parent)
         poller = select.poll()
         poller.register(self.bell.read_fd, select.POLLIN)
         poller.register(self.death_fd, select.POLLIN)
@@ -132,9 +132,6 @@ class Worker:
                     if not self.accept(got):
                         return
                     continue
-                if not self.guarded:
-                    self.guard()
-                    continue
                 if inbound.prepare_sleep():
                     events = poller.poll(_BACKSTOP_MS)
                     self.bell.drain()
@@ -144,8 +141,6 @@ class Worker:
                             return
                 continue
             job = self.pending.popleft()
-            if not self.guarded:  # before the job: a long one must not outlive its supervisor
-                self.guard()
             words[W_STARTED] = job.job_id
             outcomes = [self.run(job)]
             if self.soft_rss and not self.recycling and _rss() > self.soft_rss:
@@ -155,10 +150,6 @@ class Worker:
                 outcomes.append(frames.Outcome(0, frames.RECYCLE, 0, b"", b""))
             self.send(outcomes)
             words[W_STARTED] = 0  # between jobs: a death now costs no job
-
-    def guard(self) -> None:
-        self.guarded = True
-        _die_with_parent(self.parent)
 
     def accept(self, got: list[bytes]) -> bool:
         """Queue the jobs of the frames taken; ``False`` on STOP."""
@@ -218,14 +209,7 @@ class Worker:
             context._enter(None)
             del args, kwargs, buffers
         try:
-            # a preempted job's state comes back as its resume: in band, bytes alone
-            bufs: list[pickle.PickleBuffer] = []
-            if status == frames.PREEMPTED:
-                payload = codec.dump_batch_state(value) if fn is codec.run_calls else codec.dump_state(value)
-            elif fn is codec.run_calls:  # a batch of map calls: each keeps its own outcome
-                payload, bufs = codec.dump_outcomes(value)
-            else:
-                payload, bufs = codec.dump_value(value)
+            payload, bufs = codec.dump_outcome(fn, value, status == frames.PREEMPTED)
         except SerializationError as e:
             return frames.Outcome(job.job_id, frames.ERROR, _us(t0), codec.dump_error(e), b"")
         return frames.Outcome(job.job_id, status, _us(t0), payload, self.place(bufs))

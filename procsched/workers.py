@@ -346,7 +346,11 @@ class LocalBackend:
                 self._send(slot, dispatches[i : i + take], tracked)
                 i += take
         if i < n:  # rings filled as they were given jobs: the rest go back to the queue
-            self.events += [Returned(d.job_id) for d in dispatches[i:]]
+            self._give_back(dispatches[i:])
+
+    def _give_back(self, dispatches: list[frames.Dispatch]) -> None:
+        """Jobs no worker could take: reported returned, so they go back to the queue untouched."""
+        self.events += [Returned(d.job_id) for d in dispatches]
 
     def start_hot(self, d: frames.Dispatch, track: bool) -> bool:
         for slot in self.slots:
@@ -371,7 +375,7 @@ class LocalBackend:
             frame = frames.encode_spill(oob.write(name, [frame]))
             if not ring.put(frame):  # full even for a spill record: back to the queue, untouched
                 oob.unlink(name)
-                self.events += [Returned(d.job_id) for d in batch]
+                self._give_back(batch)
                 return
         for d in batch:
             slot.outstanding.append(d.job_id)

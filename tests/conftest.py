@@ -34,6 +34,15 @@ def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "con
         delay = min(delay * 2, 0.05)
 
 
+def await_file(path: str | os.PathLike[str], timeout: float = 30.0) -> None:
+    """Inside a job: wait for ``path`` to appear (a gate the test opens); ``TimeoutError`` past ``timeout``."""
+    end = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > end:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.002)
+
+
 def children(pid: int | None = None) -> list[int]:
     """Live (not zombie) direct children of ``pid`` (default: this process)."""
     pid = os.getpid() if pid is None else pid

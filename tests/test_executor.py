@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 import procsched
-from conftest import children, our_segments, wait_for
+from conftest import await_file, children, our_segments, wait_for
 
 GATE_DEADLINE = 30.0  # a blocked job gives up after this long (only if a test is broken)
 WAIT = 30.0  # generous deadline for anything the test waits on
@@ -76,24 +76,16 @@ def touch(path: str) -> str:
     return path
 
 
-def await_file(path: str, timeout: float = GATE_DEADLINE) -> None:
-    end = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > end:
-            raise TimeoutError(f"{path} did not appear within {timeout} s")
-        time.sleep(0.002)
-
-
 def blocker(started: str, gate: str, value: Any) -> Any:
     """Announce the start, then wait for the gate to open."""
     Path(started).touch()
-    await_file(gate)
+    await_file(gate, GATE_DEADLINE)
     return value
 
 
 def maybe_block(x: int, gate: str | None, done_dir: str) -> int:
     if gate is not None:
-        await_file(gate)
+        await_file(gate, GATE_DEADLINE)
     Path(done_dir, f"done{x}").touch()
     return x * 10
 

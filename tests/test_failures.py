@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from conftest import children, our_segments, wait_for
+from conftest import await_file, children, our_segments, wait_for
 
 import procsched
 
@@ -65,18 +65,10 @@ def _bump(path: str) -> int:
     return n
 
 
-def _await_file(path: str, timeout: float = JOB_WAIT) -> None:
-    end = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > end:
-            raise TimeoutError(f"nobody created {path}")
-        time.sleep(0.002)
-
-
 def _arrive(gate: str) -> None:
     """Tell the test this job is running (its pid in ``gate/pid``); wait for ``gate/go``."""
     _put(os.path.join(gate, "pid"), str(os.getpid()))
-    _await_file(os.path.join(gate, "go"))
+    await_file(os.path.join(gate, "go"), JOB_WAIT)
 
 
 def _exists(pid: int) -> bool:
@@ -257,7 +249,7 @@ def hoard(nbytes: int) -> int:
 def hoard_and_wait(gate: str, nbytes: int) -> None:
     _put(os.path.join(gate, "pid"), str(os.getpid()))
     _HOARD.append(b"\x01" * nbytes)
-    _await_file(os.path.join(gate, "go"))
+    await_file(os.path.join(gate, "go"), JOB_WAIT)
 
 
 # -- 1. the crash matrix --------------------------------------------------------

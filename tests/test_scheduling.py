@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 import procsched
-from conftest import wait_for
+from conftest import await_file, wait_for
 
 JOB_WAIT = 30.0  # a job blocked on a gate gives up after this long (only if a test is broken)
 WAIT = 30.0  # the test's deadline for anything it waits on
@@ -62,21 +62,13 @@ def _lines(path: str | Path) -> list[str]:
         return []
 
 
-def _await_file(path: str | Path, timeout: float = JOB_WAIT) -> None:
-    end = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > end:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.002)
-
-
 # -- job functions (run in workers) -----------------------------------------
 
 
 def blocker(started: str, release: str) -> str:
     """Holds its worker until ``release`` exists; never checkpoints."""
     _append(started, str(os.getpid()))
-    _await_file(release)
+    await_file(release, JOB_WAIT)
     return "blocker"
 
 
@@ -157,7 +149,7 @@ def cold_stubborn(started: str, release: str) -> tuple[Any, int, int]:
         return (ctx.resume_from, ctx.attempt, os.getpid())
     ctx.checkpoint("state-A")  # with preempt="kill" this is streamed to the supervisor
     _append(started, str(os.getpid()))
-    _await_file(release)  # never looks at should_yield()
+    await_file(release, JOB_WAIT)  # never looks at should_yield()
     return ("never preempted", ctx.attempt, os.getpid())
 
 
