@@ -27,6 +27,7 @@ import itertools
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -36,7 +37,8 @@ from .config import load_pool_settings
 from .errors import PoolError
 from .futures import JobFuture
 from .ipc import oob
-from .model import DEFAULT_OPTIONS, JobOptions, PoolConfig, make_options
+from .journal.records import Key
+from .model import DEFAULT_OPTIONS, JobOptions, JournalConfig, PoolConfig, make_options
 from .supervisor import Job, Supervisor
 
 T = TypeVar("T")
@@ -53,21 +55,32 @@ class _Submitter:
 
     _pool: Pool
     _opts: JobOptions
+    _key: Key | None = None
 
     def options(self, **changes: Any) -> PoolView:
         """A view of the pool whose ``submit``/``map`` use these job options.
 
         ``priority`` (int, higher first), ``hot`` (bool), ``timeout`` (seconds),
         ``retries`` (int or :class:`RetryPolicy`), ``preempt`` ("cooperative" or
-        "kill"), ``name`` (str), ``tags`` (strings).
+        "kill"), ``name`` (str), ``tags`` (strings), and ``key`` (str or int):
+        submitting with a key that is already queued or running returns that
+        job's future, and with a journal, a key that already succeeded
+        returns its stored result without running it again.
         """
-        return PoolView(self._pool, make_options(self._opts, changes))
+        key = changes.pop("key", self._key)
+        if key is not None:
+            _check_key(key)
+        return PoolView(self._pool, make_options(self._opts, changes), key)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> JobFuture:
         """Schedule ``fn(*args, **kwargs)``; returns its future."""
         pool = self._pool
         pool._check_open()
-        job = pool._make_job(self._opts, fn, args, kwargs)
+        if self._key is not None:
+            known = pool._keyed_future(self._key)
+            if known is not None:
+                return known
+        job = pool._make_job(self._opts, fn, args, kwargs, key=self._key)
         pool._post([job])
         return job.future
 
@@ -77,6 +90,7 @@ class _Submitter:
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int | None = 1,
+        key: Callable[..., Key] | None = None,
     ) -> Iterator[T]:
         """Like ``Executor.map``: every call submitted now, results yielded in order.
 
@@ -91,6 +105,11 @@ class _Submitter:
         does: a failing call fails its whole chunk. Either way a worker that
         dies during a batch or chunk fails every call of it with
         ``WorkerCrashed`` (or retries the job, per its options).
+
+        ``key``, a function of a call's arguments, makes every call its own
+        job with that key (see :meth:`options`): with a journal, rerunning
+        the same ``map`` after a crash runs only the calls whose keys have
+        not succeeded, and the others' results come from the journal.
         """
         if chunksize is None:
             chunksize = 1
@@ -98,11 +117,15 @@ class _Submitter:
             raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
         pool = self._pool
         pool._check_open()
+        if self._key is not None:
+            raise TypeError("map() cannot give one key to many calls: pass key= to map() instead of options()")
         end = None if timeout is None else time.monotonic() + timeout
         # One iterable: its items are the arguments (no tuple per call, as
         # multiprocessing.Pool.map does); several: zipped into tuples.
         star = len(iterables) != 1
         calls = list(zip(*iterables)) if star else list(iterables[0])
+        if key is not None:
+            return _results(self._keyed_map(fn, calls, star, key), end)
         runner: Callable[..., Any] = run_chunk
         if chunksize == 1 and not self._opts.timeout and not self._opts.retries.retries:
             chunksize = min(_MAX_CHUNK, max(1, -(-len(calls) // (4 * pool._max_workers))))
@@ -126,6 +149,27 @@ class _Submitter:
         if chunksize == 1:
             return _results(futures, end)
         return _chunk_results(futures, end)
+
+    def _keyed_map(self, fn: Callable[..., Any], calls: list[Any], star: bool, key: Callable[..., Key]) -> list[JobFuture]:
+        """One job per call, each with its key; calls whose key is known reuse its future."""
+        pool = self._pool
+        futures: list[JobFuture] = []
+        jobs: list[Job] = []
+        try:
+            for args in calls:
+                k = key(*args) if star else key(args)
+                _check_key(k)
+                known = pool._keyed_future(k)
+                if known is None:
+                    jobs.append(pool._make_job(self._opts, fn, args if star else (args,), {}, key=k))
+                    known = jobs[-1].future
+                futures.append(known)
+        except BaseException:
+            _discard(jobs)
+            raise
+        if jobs:
+            pool._post(jobs)
+        return futures
 
 
 # The iterators below hold no reference to a value they have yielded (like
@@ -174,9 +218,10 @@ def _chunk_results(futures: list[JobFuture], end: float | None) -> Iterator[Any]
 class PoolView(_Submitter):
     """The pool seen through a set of job options (from ``Pool.options``)."""
 
-    def __init__(self, pool: Pool, opts: JobOptions) -> None:
+    def __init__(self, pool: Pool, opts: JobOptions, key: Key | None = None) -> None:
         self._pool = pool
         self._opts = opts
+        self._key = key
 
     @property
     def job_options(self) -> JobOptions:
@@ -197,7 +242,7 @@ class Pool(_Submitter, Executor):
     ``aging_rate``, ``kill_grace``, ``preempt_grace``, ...
     """
 
-    def __init__(self, max_workers: int | None = None, **config: Any) -> None:
+    def __init__(self, max_workers: int | None = None, *, journal: str | os.PathLike[str] | JournalConfig | None = None, **config: Any) -> None:
         if max_workers is None:
             import loky  # here, not at the top: it costs ~60 ms to import, and only this needs it
 
@@ -226,7 +271,12 @@ class Pool(_Submitter, Executor):
         self._closed = False
         oob.sweep_orphans()
         self._prefix = oob.pool_prefix(f"{id(self):x}")
-        self._sup = Supervisor(self._config, self._prefix)
+        self._sup = Supervisor(self._config, self._prefix, _journal_config(journal))
+        self._ids = itertools.count(self._sup.first_job_id)
+        self._keyed: weakref.WeakValueDictionary[Key, JobFuture] = weakref.WeakValueDictionary()
+        rec = self._sup.rec
+        self._always = rec is not None and rec.always
+        self._on_fetch = self._sup.fetched.append if rec is not None and rec.drop_fetched else None
         self._sup.start()
         atexit.register(self._at_exit)
 
@@ -240,7 +290,7 @@ class Pool(_Submitter, Executor):
         return cls(settings.pop("max_workers", None), **settings)
 
     # -- jobs -----------------------------------------------------------------
-    def _make_job(self, opts: JobOptions, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], label: str | None = None) -> Job:
+    def _make_job(self, opts: JobOptions, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], label: str | None = None, key: Key | None = None) -> Job:
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         fn_bytes, flags = self._encoder.function(fn)
@@ -249,7 +299,20 @@ class Pool(_Submitter, Executor):
         desc = oob.write(f"{self._prefix}a{next(self._segments)}", buffers) if buffers else b""
         fut = JobFuture()
         fut.job_id = job_id
-        return Job(job_id, fut, opts.name or label or _label(fn), fn_bytes, flags, args_bytes, desc, opts)
+        if key is not None:
+            if self._on_fetch is not None:
+                fut._on_fetch = self._on_fetch
+            with self._lock:
+                self._keyed[key] = fut
+        return Job(job_id, fut, opts.name or label or _label(fn), fn_bytes, flags, args_bytes, desc, opts, key)
+
+    def _keyed_future(self, key: Key) -> JobFuture | None:
+        """The future of this process's job with ``key``, unless that job failed or was cancelled."""
+        with self._lock:
+            fut = self._keyed.get(key)
+        if fut is None or (fut.done() and (fut.cancelled() or fut._exception is not None)):
+            return None
+        return fut
 
     def _check_open(self) -> None:
         if self._closed:
@@ -258,13 +321,28 @@ class Pool(_Submitter, Executor):
             raise PoolError(f"the pool is broken: its supervisor crashed ({self._sup.crashed!r})")
 
     def _post(self, jobs: list[Job]) -> None:
-        """Hand jobs to the loop; after shutdown, drop their argument segments and raise."""
+        """Hand jobs to the loop; after shutdown, drop their argument segments and raise.
+
+        Under ``fsync="always"`` this returns once the jobs' records are on disk.
+        """
+        durable = None
         with self._lock:
-            if not self._closed:
+            closed = self._closed
+            if closed:
+                pass
+            elif self._always:
+                durable = threading.Event()
+                self._sup.post(("jobs", jobs, durable))
+            else:
                 self._sup.post(jobs[0] if len(jobs) == 1 else jobs)
+        if closed:
+            _discard(jobs)
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if durable is None:
+            return
+        while not durable.wait(0.5):
+            if self._sup.ended:  # it crashed: the futures say why
                 return
-        _discard(jobs)
-        raise RuntimeError("cannot schedule new futures after shutdown")
 
     # -- lifecycle ------------------------------------------------------------
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -311,6 +389,22 @@ class Pool(_Submitter, Executor):
         """True while workers keep dying at boot (respawns are backing off)."""
         return self._sup.backend.degraded
 
+    @property
+    def recovered(self) -> dict[int, JobFuture]:
+        """Futures of the unfinished jobs the journal brought back when the pool opened, by job id."""
+        return self._sup.recovered
+
+    def compact_journal(self) -> None:
+        """Rewrite the journal as its live state now (it also compacts on its own)."""
+        if self._sup.rec is None:
+            raise PoolError("this pool has no journal")
+        self._check_open()
+        done = threading.Event()
+        self._sup.post(("compact", done))
+        while not done.wait(0.5):
+            if self._sup.ended:
+                raise PoolError("the pool stopped before its journal was compacted")
+
     def stats(self) -> dict[str, Any]:
         """Counts of jobs by outcome, queue depth, workers, restarts."""
         return self._sup.snapshot()
@@ -324,6 +418,19 @@ def _discard(jobs: list[Job]) -> None:
     """Unlink the argument segments of jobs that will never reach the loop."""
     for job in jobs:
         job.release_args()
+
+
+def _check_key(key: Any) -> None:
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        raise TypeError(f"option 'key' must be a str or an int, not {type(key).__name__}")
+
+
+def _journal_config(journal: str | os.PathLike[str] | JournalConfig | None) -> JournalConfig | None:
+    if journal is None or isinstance(journal, JournalConfig):
+        return journal
+    if isinstance(journal, (str, os.PathLike)):
+        return JournalConfig(path=os.fspath(journal))
+    raise TypeError(f"Pool option 'journal' must be a path or a JournalConfig, not {type(journal).__name__}")
 
 
 def _check_config(c: PoolConfig) -> None:

@@ -27,6 +27,7 @@ from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import Any
 
 from . import codec
+from .ipc import frames
 
 
 class Encoded:
@@ -47,6 +48,14 @@ class EncodedError(Exception):
         self.payload = payload
 
 
+def describe(error: BaseException) -> str:
+    """``Type: message`` of an exception, without unpickling an encoded one."""
+    if isinstance(error, EncodedError):
+        names, msg, _, _ = frames.decode_error(error.payload)
+        return f"{names[0].rsplit('.', 1)[-1] if names else 'Exception'}: {msg}"[:500]
+    return f"{type(error).__name__}: {error}"[:500]
+
+
 _new_lock = threading.Lock  # a C call, unlike Condition()
 _DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
@@ -55,6 +64,8 @@ class JobFuture(Future):  # type: ignore[type-arg]
     """The future of one procsched job. ``job_id`` names it in logs and stats."""
 
     job_id: int = 0
+    #: called with ``job_id`` when the result is first read (a journal that drops fetched results)
+    _on_fetch: Any = None
 
     def __init__(self) -> None:  # Future.__init__ without its condition (see the module doc)
         self._cond: threading.Condition | None = None
@@ -137,6 +148,8 @@ class JobFuture(Future):  # type: ignore[type-arg]
                 value = self._result
                 if type(value) is Encoded:  # decode once, even when two threads ask at once
                     value = self._result = codec.load_value(value.payload, value.buffers)
+                    if self._on_fetch is not None:
+                        self._on_fetch(self.job_id)
         return value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:

@@ -184,3 +184,33 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     preempt_grace: float = 1.0
     #: how long shutdown waits for workers to exit before SIGKILL
     stop_timeout: float = 5.0
+
+
+FsyncPolicy = Literal["always", "interval", "never"]
+
+
+class JournalConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where and how a pool journals its jobs (``Pool(journal=...)``)."""
+
+    #: the journal's directory (created if missing)
+    path: str
+    #: "always": a submit returns, and a future resolves, only once its record is on disk;
+    #: "interval": records are fsynced every ``fsync_interval`` seconds; "never": left to the OS
+    fsync: FsyncPolicy = "interval"
+    fsync_interval: float = 0.05
+    #: a new segment is started past this size
+    segment_bytes: int = 64 << 20
+    #: compact when more than this fraction of the journal is history...
+    compact_dead_fraction: float = 0.5
+    #: ...and it has grown past this many bytes
+    compact_min_bytes: int = 4 << 20
+    #: finished jobs kept (results and errors), newest first; -1: no limit
+    keep_results: int = 100_000
+    #: seconds a finished job is kept (0: no limit)
+    result_ttl: float = 7 * 24 * 3600.0
+    #: also drop a result as soon as its future has been read
+    drop_fetched: bool = False
+    #: results larger than this (bytes) go to their own file under spill/
+    spill_bytes: int = 1 << 20
+    #: skip damaged records before the tail instead of refusing to open
+    salvage: bool = False

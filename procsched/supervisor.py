@@ -42,12 +42,17 @@ from typing import Any
 
 from . import policy
 from .errors import JobTimeout, PoolError, WorkerCrashed
-from .futures import Encoded, EncodedError, JobFuture
+from .futures import Encoded, EncodedError, JobFuture, describe
 from .heap import ReadyQueue
 from .ipc import frames, oob
 from .ipc.doorbell import Doorbell
+from .journal.records import Key
+from .journal.state import PENDING as J_PENDING
+from .journal.state import SUCCEEDED as J_SUCCEEDED
+from .journal.state import Entry
 from .log import get_logger
-from .model import JobOptions, PoolConfig
+from .model import JobOptions, JournalConfig, PoolConfig
+from .recorder import Recorder
 from .workers import LocalBackend, Lost, Result, Returned, Started
 
 log = get_logger("procsched.supervisor")
@@ -64,9 +69,9 @@ _BACKSTOP_MS = 1000
 class Job:
     """The supervisor's record of one job (what ``submit`` made, plus its life so far)."""
 
-    __slots__ = ("id", "future", "label", "fn", "flags", "args", "oob", "opts", "attempt", "state", "resume", "queued_at", "run", "dispatched")
+    __slots__ = ("id", "future", "label", "fn", "flags", "args", "oob", "opts", "attempt", "state", "resume", "queued_at", "run", "dispatched", "key", "followers")
 
-    def __init__(self, id: int, future: JobFuture, label: str, fn: bytes, flags: int, args: bytes, oob: bytes, opts: JobOptions) -> None:
+    def __init__(self, id: int, future: JobFuture, label: str, fn: bytes, flags: int, args: bytes, oob: bytes, opts: JobOptions, key: Key | None = None) -> None:
         self.id = id
         self.future = future
         self.label = label
@@ -81,6 +86,9 @@ class Job:
         self.queued_at = 0.0
         self.run = 0
         self.dispatched = False
+        self.key = key
+        #: futures of later submits with this job's key (they settle with it)
+        self.followers: list[JobFuture] | None = None
 
     def release_args(self) -> None:
         """Unlink the job's argument segment: it has ended, or it never reached the loop."""
@@ -102,9 +110,12 @@ class Stats:
 
 
 class Supervisor:
-    def __init__(self, config: PoolConfig, prefix: str) -> None:
+    def __init__(self, config: PoolConfig, prefix: str, journal: JournalConfig | None = None) -> None:
         self.config = config
         self.prefix = prefix
+        # The journal (None without one), opened first: a locked or damaged
+        # journal fails the pool before anything else is made.
+        self.rec = None if journal is None else Recorder(journal, self._durable)
         self.bell = Doorbell.create()
         self.backend = LocalBackend(config, prefix, self.bell)
         self.queue = ReadyQueue(config.aging_rate)
@@ -124,6 +135,22 @@ class Supervisor:
         self._timer_seq = itertools.count()
         self._rng = random.Random()
         self.thread = threading.Thread(target=self._main, name="procsched-supervisor", daemon=True)
+        # Under fsync="always" a turn's settlements wait in _held, then in
+        # _waiting until the commit that holds their records is durable.
+        self._held: list[tuple[Any, ...]] | None = [] if self.rec is not None and self.rec.always else None
+        self._waiting: deque[tuple[int, list[tuple[Any, ...]]]] = deque()
+        self.fetched: deque[int] = deque()  # ids of journaled results their callers have read
+        #: futures of the jobs a journal brought back, by job id
+        self.recovered: dict[int, JobFuture] = {}
+        self.first_job_id = 1
+        if self.rec is not None:
+            try:
+                self._restore(self.rec.recover(), time.monotonic())
+            except BaseException:
+                self.rec.close()
+                self.bell.close()
+                raise
+            self.first_job_id = self.rec.journal.state.next_job
 
     # -- the only entry points for other threads ------------------------------
     def start(self) -> None:
@@ -169,6 +196,7 @@ class Supervisor:
             self._abandon(PoolError(f"the pool's supervisor crashed: {e!r}"))
             self.backend.close(time.monotonic())
         finally:
+            self._close_journal()
             oob.sweep(self.prefix)
             with self._ended_lock:
                 self.ended = True
@@ -186,6 +214,9 @@ class Supervisor:
                 msg = self.intake.popleft()
             except IndexError:
                 return
+            if type(msg) is tuple and msg[0] == "jobs":
+                msg[2].set()  # the submitter sees its futures fail
+                msg = msg[1]
             for job in msg if type(msg) is list else (msg,) if type(msg) is Job else ():
                 if job.future.set_running_or_notify_cancel():
                     job.future.set_exception(PoolError(f"the pool's supervisor crashed: {self.crashed!r}"))
@@ -208,6 +239,8 @@ class Supervisor:
             # placed or cancelled) is called off before tick() kills for it
             self._dispatch(now)
             backend.tick(now)
+            if self.rec is not None:
+                self._commit()
             if self.closing and not self.jobs and not self.intake:
                 break
             wake = min(self.timers[0][0] if self.timers else float("inf"), backend.next_deadline())
@@ -234,11 +267,26 @@ class Supervisor:
             elif type(msg) is list:
                 for job in msg:
                     self._admit(job, now)
+            elif msg[0] == "jobs":  # fsync="always": acknowledged once durable
+                for job in msg[1]:
+                    self._admit(job, now)
+                assert self._held is not None
+                self._held.append(("ack", msg[2]))
+            elif msg[0] == "durable":
+                self._release()
+            elif msg[0] == "compact":
+                assert self.rec is not None
+                self.rec.journal.compact()
+                msg[1].set()
             elif msg[0] == "shutdown":
                 self._dispatch(now, booting=True)  # what was submitted before may still take a worker
                 self._shutdown(cancel_futures=msg[1], kill=msg[2])
 
     def _admit(self, job: Job, now: float) -> None:
+        if self.rec is not None:
+            if job.key is not None and self._follow(job):
+                return
+            self.rec.submitted(job)
         self.stats.submitted += 1
         self.jobs[job.id] = job
         job.queued_at = now
@@ -256,13 +304,21 @@ class Supervisor:
             self._abandon(PoolError("the pool was terminated while this job ran"))
 
     def _abandon(self, error: BaseException) -> None:
+        """Fail every job now (terminate(), or the loop crashed).
+
+        The journal records a terminated job as cancelled; after a crash it
+        records nothing, so the jobs run again when the journal is reopened.
+        """
+        record = self.rec is not None and self.crashed is None
         for job in list(self.jobs.values()):
             if job.run:
                 self._end_run(job)  # a late outcome of this run must find nothing to settle
             fut = job.future
             if job.dispatched or fut.set_running_or_notify_cancel():  # (a cancelled one is notified)
                 if not fut.done():
-                    fut.set_exception(error)
+                    _resolve(fut, None, error, job.followers)
+                if record:
+                    self.rec.cancelled(job)  # type: ignore[union-attr]
                 self._finish(job, FAILED)
             else:
                 self._finish(job, CANCELLED)
@@ -273,6 +329,8 @@ class Supervisor:
         job.run = rid
         job.state = RUNNING
         self.runs[rid] = job
+        if self.rec is not None:
+            self.rec.dispatched(job)
         flags = job.flags | (frames.F_CHECKPOINT_LIVE if job.opts.preempt == "kill" else 0)
         return frames.Dispatch(rid, job.attempt, flags, job.fn, job.args, job.resume, job.oob)
 
@@ -281,7 +339,7 @@ class Supervisor:
         if job is None or job.state != QUEUED:
             return False
         if not job.dispatched:
-            if not job.future.set_running_or_notify_cancel():
+            if not job.future.set_running_or_notify_cancel() and not self._promote(job):
                 self._finish(job, CANCELLED)
                 return False
             job.dispatched = True
@@ -351,17 +409,21 @@ class Supervisor:
             status = ev.status
             if status == frames.CHECKPOINT:
                 job.resume = ev.payload
+                if self.rec is not None:
+                    self.rec.checkpoint(job, ev.payload)
                 return
             self._end_run(job)
             if status == frames.OK:
-                job.future.set_result(Encoded(ev.payload, ev.buffers))
+                if self.rec is not None:
+                    self.rec.succeeded(job, ev.payload, ev.buffers)
+                self._settle(job, Encoded(ev.payload, ev.buffers), None)
                 self._finish(job, SUCCEEDED)
             elif status == frames.ERROR:
                 self._failed(job, policy.ERROR, EncodedError(ev.payload), frames.error_types(ev.payload), now)
             else:  # PREEMPTED
                 self.stats.preempted += 1
                 job.resume = ev.payload
-                self._requeue(job, now)
+                self._requeue(job, True)
         elif t is Started:
             job = self.runs.get(ev.job_id)
             if job is not None and job.opts.timeout is not None:
@@ -370,7 +432,7 @@ class Supervisor:
             job = self.runs.get(ev.job_id)
             if job is not None:
                 self._end_run(job)
-                self._requeue(job, now)
+                self._requeue(job, False)
         elif t is Lost:
             job = self.runs.get(ev.job_id)
             if job is None:
@@ -378,7 +440,7 @@ class Supervisor:
             self._end_run(job)
             if ev.killed_for == "preempt":
                 self.stats.preempted += 1
-                self._requeue(job, now)
+                self._requeue(job, True)
             else:
                 err: WorkerCrashed = ev.error.for_job(f"{job.label}#{job.id}")
                 self._failed(job, policy.CRASH, err, (), now)
@@ -388,8 +450,10 @@ class Supervisor:
         self.yielding.discard(job.run)
         job.run = 0
 
-    def _requeue(self, job: Job, now: float) -> None:
+    def _requeue(self, job: Job, preempted: bool) -> None:
         """Back to the front of its lane, without spending an attempt."""
+        if self.rec is not None:
+            self.rec.requeued(job, preempted)
         job.state = QUEUED
         self.queue.push(job.id, job.opts.priority, job.opts.hot, job.queued_at, front=True)
 
@@ -397,7 +461,9 @@ class Supervisor:
         retry = job.opts.retries
         if policy.should_retry(retry, job.attempt, kind, types):
             delay = policy.backoff(retry, job.attempt, self._rng.random())
-            log.info("retry", job=job.id, name=job.label, attempt=job.attempt, kind=kind, error=_short(error), delay=round(delay, 3))
+            log.info("retry", job=job.id, name=job.label, attempt=job.attempt, kind=kind, error=describe(error), delay=round(delay, 3))
+            if self.rec is not None:
+                self.rec.failed(job, kind, error, delay)
             self.stats.retried += 1
             job.attempt += 1
             job.state = PENDING
@@ -405,7 +471,9 @@ class Supervisor:
             return
         if kind == policy.CRASH:
             log.warning("job_crashed", job=job.id, name=job.label, attempt=job.attempt, error=str(error))
-        job.future.set_exception(error)
+        if self.rec is not None:
+            self.rec.failed(job, kind, error, None)
+        self._settle(job, None, error)
         self._finish(job, {policy.ERROR: FAILED, policy.CRASH: CRASHED, policy.TIMEOUT: TIMED_OUT}[kind])
 
     def _finish(self, job: Job, state: str) -> None:
@@ -417,12 +485,117 @@ class Supervisor:
             s.succeeded += 1
         elif state == CANCELLED:
             s.cancelled += 1
+            if self.rec is not None:
+                self.rec.cancelled(job)
+            for fut in job.followers or ():
+                if fut.cancel():
+                    fut.notify_cancelled()
         else:
             s.failed += 1
             if state == CRASHED:
                 s.crashed += 1
             elif state == TIMED_OUT:
                 s.timed_out += 1
+
+    # -- settling, and the journal ---------------------------------------------
+    def _settle(self, job: Job, result: Any, error: BaseException | None) -> None:
+        if self._held is not None:  # fsync="always": once the turn's records are durable
+            self._held.append((job.future, result, error, job.followers))
+        else:
+            _resolve(job.future, result, error, job.followers)
+
+    def _promote(self, job: Job) -> bool:
+        """The job's own future was cancelled: let a follower's future own it, if any still waits."""
+        while job.followers:
+            fut = job.followers.pop(0)
+            if fut.set_running_or_notify_cancel():
+                job.future = fut
+                return True
+        return False
+
+    def _follow(self, job: Job) -> bool:
+        """A job whose key the journal knows: follow the job running it, or take its stored result."""
+        assert self.rec is not None
+        state = self.rec.journal.state
+        prior = state.keys.get(job.key)  # type: ignore[arg-type]
+        if prior is None:
+            return False
+        live = self.jobs.get(prior)
+        if live is not None:
+            if live.followers is None:
+                live.followers = []
+            live.followers.append(job.future)
+        elif state.jobs[prior].state == J_SUCCEEDED:
+            value = self.rec.stored_result(state.jobs[prior])
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_result(value)
+        else:
+            return False  # it failed or was cancelled: run it again
+        job.release_args()
+        return True
+
+    def _restore(self, entries: list[Entry], now: float) -> None:
+        """Make jobs of what the journal had not finished (before the loop starts)."""
+        assert self.rec is not None
+        state = self.rec.journal.state
+        wall = time.time()
+        for e in entries:
+            desc = oob.write(f"{self.prefix}r{e.job}", e.buffers) if e.buffers else b""
+            fut = JobFuture()
+            fut.job_id = e.job
+            job = Job(e.job, fut, e.label, state.fns[e.fn], e.flags, e.args, desc, state.options[e.opts], e.key)
+            job.attempt = e.attempt
+            job.resume = e.checkpoint
+            job.queued_at = now
+            self.jobs[job.id] = job
+            self.recovered[job.id] = fut
+            if e.state == J_PENDING:
+                job.state = PENDING
+                self._timer(now + max(0.0, e.retry_at - wall), _RETRY, job.id)
+            else:  # a preempted job goes first, as it would have
+                self.queue.push(job.id, job.opts.priority, job.opts.hot, now, front=bool(e.checkpoint))
+
+    def _durable(self, commit: int) -> None:
+        """From the journal's flusher thread: commits up to ``commit`` are on disk."""
+        if self._held is not None:
+            self.post(("durable",))
+
+    def _commit(self) -> None:
+        """End of a loop turn: the turn's records in one write."""
+        assert self.rec is not None
+        fetched = []
+        while self.fetched:
+            fetched.append(self.fetched.popleft())
+        n = self.rec.end_turn(fetched)
+        if self._held:
+            self._waiting.append((n, self._held))
+            self._held = []
+            self._release()
+
+    def _release(self, everything: bool = False) -> None:
+        """Settle what waited for its records to be durable."""
+        assert self.rec is not None
+        writer = self.rec.journal.writer
+        durable = writer.durable if writer is not None else 0
+        while self._waiting and (everything or self._waiting[0][0] <= durable):
+            for item in self._waiting.popleft()[1]:
+                if len(item) == 2:
+                    item[1].set()
+                else:
+                    _resolve(*item)
+
+    def _close_journal(self) -> None:
+        rec = self.rec
+        if rec is None:
+            return
+        try:
+            rec.close()
+        except Exception as e:  # a dying disk must not hide why the loop ended
+            log.error("journal_close_failed", error=repr(e))
+        if self._held is not None:
+            self._waiting.append((0, self._held))
+            self._held = []
+            self._release(everything=True)
 
     # -- timers ---------------------------------------------------------------
     def _timer(self, when: float, kind: int, ref: int) -> None:
@@ -460,8 +633,14 @@ def _stale(job: Job | None) -> bool:
     return job is None or job.state != QUEUED or job.future.cancelled()
 
 
-def _short(error: BaseException) -> str:
-    if isinstance(error, EncodedError):
-        names, msg, _, _ = frames.decode_error(error.payload)
-        return f"{names[0].rsplit('.', 1)[-1] if names else 'Exception'}: {msg}"[:200]
-    return str(error)[:200]
+def _resolve(fut: JobFuture, result: Any, error: BaseException | None, followers: list[JobFuture] | None) -> None:
+    if error is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(error)
+    for f in followers or ():
+        if f.set_running_or_notify_cancel():
+            if error is None:
+                f.set_result(result)
+            else:
+                f.set_exception(error)

@@ -1,0 +1,263 @@
+"""The journal: every job transition, appended to disk, so nothing accepted is lost.
+
+:class:`Journal` is what the supervisor holds. Opening one takes the
+directory's lock, replays its segments into a :class:`JournalState`
+(``records`` says what is on disk, ``store`` how it is read and written)
+and leaves the last segment open for appending. During a loop turn the
+supervisor calls :meth:`Journal.append` for each transition, which frames
+the record and applies it to the state, then :meth:`Journal.commit` once:
+one ``write`` per turn. The ``fsync`` policy decides when that write is
+made durable (see :class:`~procsched.model.JournalConfig`).
+
+Compaction writes the live state (unfinished jobs, retained results,
+checkpoints) as a fresh ``BASE`` segment under a temporary name, renames it
+in place and removes the segments before it; a crash at any point leaves
+either the old segments or the new one in charge, never a mix.
+
+Only the supervisor's loop thread calls the methods that write. The CLI
+opens a journal read-only to inspect or verify it (without the lock, so it
+can look at a journal in use), or with the lock to compact it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from ..log import get_logger
+from ..model import JobOptions, JournalConfig
+from . import records as r
+from .state import JournalState
+from .store import (
+    Damage,
+    JournalCorrupt,
+    JournalError,
+    JournalLocked,
+    SegmentWriter,
+    fsync_dir,
+    list_segments,
+    lock,
+    new_segment,
+    read_blob,
+    read_segment,
+    segment_path,
+    write_blob,
+    write_segment,
+)
+
+__all__ = ["Damage", "Journal", "JournalCorrupt", "JournalError", "JournalLocked", "JournalState"]
+
+log = get_logger("procsched.journal")
+
+
+class Journal:
+    def __init__(self, config: JournalConfig, *, readonly: bool = False, on_durable: Callable[[int], None] | None = None) -> None:
+        self.config = config
+        self.path = os.path.abspath(config.path)
+        self.readonly = readonly
+        self.state = JournalState()
+        self.damage: list[Damage] = []
+        self.segments: list[tuple[int, str]] = []
+        self.total_bytes = 0  # bytes in the segments replay reads
+        self.writer: SegmentWriter | None = None
+        self._lock_fd = -1
+        self._fn_ids: dict[bytes, int] = {}
+        self._opt_ids: dict[int, tuple[JobOptions, int]] = {}
+        self._next_fn = self._next_opts = 1
+        if readonly:
+            if not os.path.isdir(self.path):
+                raise JournalError(f"no journal at {self.path}")
+        else:
+            try:
+                os.makedirs(os.path.join(self.path, "spill"), exist_ok=True)
+            except OSError as e:
+                raise JournalError(f"cannot create journal directory {self.path}: {e.strerror or e}") from None
+            self._lock_fd = lock(self.path)
+        try:
+            end = self._replay()
+            self._learn_ids()
+            if not readonly:
+                self._open_writer(end, on_durable)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    # -- opening ----------------------------------------------------------------
+    def _replay(self) -> int:
+        """Apply every record from the newest base segment on; the valid end of the last one."""
+        segments = list_segments(self.path)
+        start = 0
+        for i, (_, path) in enumerate(segments):
+            if _is_base(path):
+                start = i
+        if not self.readonly:
+            for _, path in segments[:start]:  # history a finished compaction did not get to remove
+                os.unlink(path)
+            if start:
+                fsync_dir(self.path)
+        self.segments = segments[start:]
+        end = 0
+        apply = self.state.apply
+        for i, (_, path) in enumerate(self.segments):
+            last = i == len(self.segments) - 1
+            _, end, damage = read_segment(path, apply, last, self.config.salvage, log)
+            self.damage += damage
+            self.total_bytes += end
+        return end
+
+    def _learn_ids(self) -> None:
+        st = self.state
+        self._fn_ids = {data: i for i, data in st.fns.items()}
+        self._opt_ids = {id(o): (o, i) for i, o in st.options.items()}
+        self._next_fn = max(st.fns, default=0) + 1
+        self._next_opts = max(st.options, default=0) + 1
+
+    def _open_writer(self, end: int, on_durable: Callable[[int], None] | None) -> None:
+        cfg = self.config
+        if not self.segments:
+            self.writer = SegmentWriter.create(self.path, 1, 0, cfg.fsync, cfg.fsync_interval, on_durable)
+            self.segments = [(1, segment_path(self.path, 1))]
+            self.total_bytes = self.writer.size
+            return
+        seq, path = self.segments[-1]
+        if end < r.HEADER_SIZE:  # the crash came before its header was durable: start it again
+            os.unlink(path)
+            fd = new_segment(self.path, seq, 0)
+            end = r.HEADER_SIZE
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            if os.fstat(fd).st_size > end:  # a torn tail: cut it off before appending
+                os.ftruncate(fd, end)
+                os.fsync(fd)
+        self.writer = SegmentWriter(self.path, fd, seq, end, cfg.fsync, cfg.fsync_interval, on_durable)
+
+    # -- writing (the supervisor's loop thread) ---------------------------------
+    def append(self, rec: r.Record) -> None:
+        """Frame ``rec`` for this turn's commit and apply it to the state."""
+        data = r.frame(rec)
+        assert self.writer is not None
+        self.writer.pending.append(data)
+        self.total_bytes += len(data)
+        self.state.apply(rec)
+
+    def fn_id(self, data: bytes) -> int:
+        """The id of a pickled function, writing it the first time."""
+        i = self._fn_ids.get(data)
+        if i is None:
+            i = self._fn_ids[data] = self._next_fn
+            self._next_fn += 1
+            self.append(r.Fn(i, data))
+        return i
+
+    def opts_id(self, opts: JobOptions) -> int:
+        hit = self._opt_ids.get(id(opts))
+        if hit is not None and hit[0] is opts:
+            return hit[1]
+        i = self._next_opts
+        self._next_opts += 1
+        self._opt_ids[id(opts)] = (opts, i)
+        self.append(r.Opts(i, opts))
+        return i
+
+    def commit(self) -> int:
+        """Write this turn's records; the commit number ``on_durable`` will report."""
+        assert self.writer is not None
+        n = self.writer.commit()
+        if self.writer.size >= self.config.segment_bytes:
+            self._roll()
+        return n
+
+    def _roll(self) -> None:
+        assert self.writer is not None
+        seq = self.writer.seq + 1
+        fd = new_segment(self.path, seq, 0)
+        self.writer.switch(fd, seq, r.HEADER_SIZE)
+        self.segments.append((seq, segment_path(self.path, seq)))
+
+    def retire(self, now: float) -> None:
+        """Drop finished jobs past the retention policy (``now``: wall clock)."""
+        cfg = self.config
+        expired = self.state.expired(cfg.keep_results, cfg.result_ttl, now)
+        if expired:
+            self.drop(expired, "retention")
+
+    def drop(self, jobs: list[int], reason: str) -> None:
+        spills = [self.state.jobs[j].spill for j in jobs if j in self.state.jobs and self.state.jobs[j].spill]
+        self.append(r.Dropped(jobs, reason))
+        for name in spills:
+            _remove(self.spill_path(name))
+
+    def should_compact(self) -> bool:
+        cfg = self.config
+        total = self.total_bytes
+        return total >= cfg.compact_min_bytes and total - self.state.live_bytes > cfg.compact_dead_fraction * total
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrite the live state as a fresh segment; (bytes before, bytes after)."""
+        assert self.writer is not None
+        before = self.total_bytes
+        self.writer.commit()
+        recs = self.state.compacted()
+        self._learn_ids()
+        seq = self.writer.seq + 1
+        write_segment(self.path, seq, r.BASE, [r.frame(rec) for rec in recs])
+        fd = os.open(segment_path(self.path, seq), os.O_WRONLY | os.O_APPEND)
+        size = os.fstat(fd).st_size
+        self.writer.switch(fd, seq, size)
+        for _, path in self.segments:
+            _remove(path)
+        fsync_dir(self.path)
+        self.segments = [(seq, segment_path(self.path, seq))]
+        self.total_bytes = size
+        self._sweep_spill()
+        log.info("journal_compacted", path=self.path, before=before, after=size, jobs=len(self.state.jobs))
+        return before, size
+
+    # -- large results ------------------------------------------------------------
+    def spill_path(self, name: str) -> str:
+        return os.path.join(self.path, "spill", name)
+
+    def spill(self, job: int, payload: bytes, buffers: list[Any]) -> str:
+        """Write a large result to its own file (durable before its record is); its name."""
+        name = f"{job}.res"
+        write_blob(self.spill_path(name), payload, buffers, self.config.fsync != "never")
+        return name
+
+    def load_spill(self, name: str) -> tuple[bytes, list[bytes]]:
+        return read_blob(self.spill_path(name))
+
+    def _sweep_spill(self) -> None:
+        keep = {e.spill for e in self.state.jobs.values() if e.spill}
+        directory = os.path.join(self.path, "spill")
+        for name in os.listdir(directory):
+            if name not in keep:
+                _remove(os.path.join(directory, name))
+
+    # -- closing ------------------------------------------------------------------
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.commit()
+            self.writer.close()
+            self.writer = None
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def _is_base(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return bool(r.parse_header(f.read(r.HEADER_SIZE))[1] & r.BASE)
+    except (OSError, ValueError):
+        return False
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
