@@ -21,6 +21,10 @@ _EXPORTS = {
     "JobFuture": "futures",
     "JobOptions": "model",
     "PoolConfig": "model",
+    "JournalConfig": "model",
+    "JournalError": "journal",
+    "JournalLocked": "journal",
+    "JournalCorrupt": "journal",
     "RetryPolicy": "model",
     "current_job": "context",
     "cancel_requested": "context",
@@ -60,7 +64,11 @@ if TYPE_CHECKING:  # "X as X": explicit re-exports, so strict type checkers see 
     from .executor import Pool as Pool
     from .executor import PoolView as PoolView
     from .futures import JobFuture as JobFuture
+    from .journal import JournalCorrupt as JournalCorrupt
+    from .journal import JournalError as JournalError
+    from .journal import JournalLocked as JournalLocked
     from .model import JobOptions as JobOptions
+    from .model import JournalConfig as JournalConfig
     from .model import PoolConfig as PoolConfig
     from .model import RetryPolicy as RetryPolicy
 

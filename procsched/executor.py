@@ -37,9 +37,9 @@ from .config import load_pool_settings
 from .errors import PoolError
 from .futures import JobFuture
 from .ipc import oob
-from .journal.records import Key
-from .model import DEFAULT_OPTIONS, JobOptions, JournalConfig, PoolConfig, make_options
-from .supervisor import Job, Supervisor
+from .model import DEFAULT_OPTIONS, JobOptions, JournalConfig, Key, PoolConfig, make_options
+from .jobs import Job
+from .supervisor import Supervisor
 
 T = TypeVar("T")
 
@@ -276,7 +276,7 @@ class Pool(_Submitter, Executor):
         self._keyed: weakref.WeakValueDictionary[Key, JobFuture] = weakref.WeakValueDictionary()
         rec = self._sup.rec
         self._always = rec is not None and rec.always
-        self._on_fetch = self._sup.fetched.append if rec is not None and rec.drop_fetched else None
+        self._on_fetch = rec.fetched.append if rec is not None and rec.drop_fetched else None
         self._sup.start()
         atexit.register(self._at_exit)
 

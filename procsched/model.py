@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import msgspec
 
 Preempt = Literal["cooperative", "kill"]
+#: a job's idempotency key
+Key = Union[str, int]
+
+# A job's states (the supervisor's and the journal's)
+QUEUED, PENDING, RUNNING = "queued", "pending", "running"
+SUCCEEDED, FAILED, CANCELLED, TIMED_OUT, CRASHED = "succeeded", "failed", "cancelled", "timed_out", "crashed"
 
 
 def type_name(t: type) -> str:

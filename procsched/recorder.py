@@ -19,20 +19,19 @@ Nothing here unpickles: payloads and results stay bytes.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import policy
 from .futures import Encoded, EncodedError, JobFuture, describe
 from .ipc import oob
 from .journal import Journal
 from .journal import records as r
-from .journal.state import PENDING, RUNNING, SUCCEEDED, Entry
+from .journal.state import Entry
+from .jobs import Job, resolve
 from .log import get_logger
-from .model import JournalConfig
-
-if TYPE_CHECKING:
-    from .supervisor import Job
+from .model import PENDING, RUNNING, SUCCEEDED, JournalConfig
 
 log = get_logger("procsched.journal")
 
@@ -44,6 +43,12 @@ class Recorder:
         self.spill_bytes = config.spill_bytes
         self.drop_fetched = config.drop_fetched
         self._retire_at = 0.0
+        #: ids of results their callers have read (appended by any thread; drop_fetched)
+        self.fetched: deque[int] = deque()
+        # fsync="always": this turn's settlements, then queued behind the
+        # commit whose durability they wait for
+        self._held: list[tuple[Any, ...]] = []
+        self._waiting: deque[tuple[int, list[tuple[Any, ...]]]] = deque()
 
     # -- transitions ----------------------------------------------------------
     def submitted(self, job: Job) -> None:
@@ -79,22 +84,67 @@ class Recorder:
     def requeued(self, job: Job, preempted: bool) -> None:
         self.journal.append(r.Requeued(job.id, job.resume, preempted))
 
-    def end_turn(self, fetched: list[int]) -> int:
-        """Commit the turn's records; the commit number."""
+    def follow(self, job: Job, live: dict[int, Job]) -> bool:
+        """A job whose key the journal knows: follow the job running it, or take its stored result.
+
+        False when the key is new, or its last job failed or was cancelled (it runs again).
+        """
+        state = self.journal.state
+        prior = None if job.key is None else state.keys.get(job.key)
+        if prior is None:
+            return False
+        leader = live.get(prior)
+        if leader is not None:
+            if leader.followers is None:
+                leader.followers = []
+            leader.followers.append(job.future)
+        elif state.jobs[prior].state == SUCCEEDED:
+            value = self.stored_result(state.jobs[prior])
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_result(value)
+        else:
+            return False
+        job.release_args()
+        return True
+
+    # -- the end of a loop turn -------------------------------------------------
+    def hold(self, item: tuple[Any, ...]) -> None:
+        """Keep a settlement (future, result, error, followers) or an ack ("ack", event) until durable."""
+        self._held.append(item)
+
+    def end_turn(self) -> None:
+        """Commit the turn's records with one write; retention; compaction."""
         j = self.journal
-        if fetched:
+        if self.fetched:
+            fetched = []
+            while self.fetched:
+                fetched.append(self.fetched.popleft())
             jobs = j.state.jobs
             gone = [i for i in fetched if i in jobs and jobs[i].state == SUCCEEDED]
             if gone:
                 j.drop(gone, "fetched")
         now = time.monotonic()
-        if now >= self._retire_at:  # at most a few times a second: retention is not urgent
+        if now >= self._retire_at:  # a few times a second: retention is not urgent
             self._retire_at = now + 0.2
             j.retire(time.time())
         n = j.commit()
         if j.should_compact():
             j.compact()
-        return n
+        if self._held:
+            self._waiting.append((n, self._held))
+            self._held = []
+            self.release()
+
+    def release(self, everything: bool = False) -> None:
+        """Settle what waited for its records to be durable."""
+        writer = self.journal.writer
+        durable = writer.durable if writer is not None else 0
+        while self._waiting and (everything or self._waiting[0][0] <= durable):
+            for item in self._waiting.popleft()[1]:
+                if len(item) == 2:
+                    item[1].set()
+                else:
+                    resolve(*item)
 
     # -- recovery -------------------------------------------------------------
     def stored_result(self, entry: Entry) -> Encoded:
@@ -103,24 +153,40 @@ class Recorder:
             return Encoded(payload, [memoryview(b) for b in buffers])
         return Encoded(entry.result, [memoryview(b) for b in entry.result_buffers])
 
-    def recover(self) -> list[Entry]:
-        """Jobs to run again, in submission order; records the attempts the stop interrupted."""
+    def restore(self, prefix: str) -> list[tuple[Job, float | None]]:
+        """Jobs to run again, in submission order, each with its retry delay if it waits for one.
+
+        A job the stop interrupted gets a crash record for that attempt first.
+        """
         st = self.journal.state
-        entries = st.unfinished()
-        for e in entries:
+        wall = time.time()
+        out: list[tuple[Job, float | None]] = []
+        for e in st.unfinished():
             if e.state == RUNNING:
-                now = time.time()
-                self.journal.append(r.Failed(e.job, e.attempt, policy.CRASH, b"", "the supervisor stopped while this job ran", now, now))
+                self.journal.append(r.Failed(e.job, e.attempt, policy.CRASH, b"", "the supervisor stopped while this job ran", wall, wall))
+            desc = oob.write(f"{prefix}r{e.job}", e.buffers) if e.buffers else b""
+            fut = JobFuture()
+            fut.job_id = e.job
+            job = Job(e.job, fut, e.label, st.fns[e.fn], e.flags, e.args, desc, st.options[e.opts], e.key)
+            job.attempt = e.attempt
+            job.resume = e.checkpoint
+            if e.state == PENDING:
+                job.state = PENDING
+                out.append((job, max(0.0, e.retry_at - wall)))
+            else:
+                out.append((job, None))
         self.journal.commit()
-        if entries:
-            log.warning("journal_recovered", path=self.journal.path, jobs=len(entries), pending=sum(1 for e in entries if e.state == PENDING))
-        return entries
+        if out:
+            log.warning("journal_recovered", path=self.journal.path, jobs=len(out), pending=sum(1 for _, d in out if d is not None))
+        return out
 
     def close(self) -> None:
-        self.journal.close()
-
-
-def follow(fut: JobFuture, value: Encoded) -> None:
-    """Resolve a future with a stored result (a key that already succeeded)."""
-    if fut.set_running_or_notify_cancel():
-        fut.set_result(value)
+        """Write and sync what is left; settle everything still held."""
+        try:
+            self.journal.close()
+        except Exception as e:  # a dying disk must not hide why the loop ended
+            log.error("journal_close_failed", error=repr(e))
+        if self._held:
+            self._waiting.append((0, self._held))
+            self._held = []
+        self.release(everything=True)

@@ -46,67 +46,19 @@ from .futures import Encoded, EncodedError, JobFuture, describe
 from .heap import ReadyQueue
 from .ipc import frames, oob
 from .ipc.doorbell import Doorbell
-from .journal.records import Key
-from .journal.state import PENDING as J_PENDING
-from .journal.state import SUCCEEDED as J_SUCCEEDED
-from .journal.state import Entry
+from .jobs import Job, Stats, resolve
 from .log import get_logger
-from .model import JobOptions, JournalConfig, PoolConfig
+from .model import CANCELLED, CRASHED, FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, JournalConfig, PoolConfig
 from .recorder import Recorder
 from .workers import LocalBackend, Lost, Result, Returned, Started
 
 log = get_logger("procsched.supervisor")
 
-QUEUED, PENDING, RUNNING = "queued", "pending", "running"
-SUCCEEDED, FAILED, CANCELLED, TIMED_OUT, CRASHED = "succeeded", "failed", "cancelled", "timed_out", "crashed"
 _TIMEOUT, _RETRY = 0, 1
 # Longest sleep without a timer. Wakeups are event-driven; this only bounds
 # what a wakeup lost to an exception inside post() (Ctrl-C) or a weaker
 # memory order than the ring protocol assumes could cost.
 _BACKSTOP_MS = 1000
-
-
-class Job:
-    """The supervisor's record of one job (what ``submit`` made, plus its life so far)."""
-
-    __slots__ = ("id", "future", "label", "fn", "flags", "args", "oob", "opts", "attempt", "state", "resume", "queued_at", "run", "dispatched", "key", "followers")
-
-    def __init__(self, id: int, future: JobFuture, label: str, fn: bytes, flags: int, args: bytes, oob: bytes, opts: JobOptions, key: Key | None = None) -> None:
-        self.id = id
-        self.future = future
-        self.label = label
-        self.fn = fn
-        self.flags = flags
-        self.args = args
-        self.oob = oob
-        self.opts = opts
-        self.attempt = 1
-        self.state = QUEUED
-        self.resume = b""
-        self.queued_at = 0.0
-        self.run = 0
-        self.dispatched = False
-        self.key = key
-        #: futures of later submits with this job's key (they settle with it)
-        self.followers: list[JobFuture] | None = None
-
-    def release_args(self) -> None:
-        """Unlink the job's argument segment: it has ended, or it never reached the loop."""
-        if self.oob:
-            oob.unlink(oob.segment_name(self.oob))
-
-
-class Stats:
-    """Counters of job outcomes since the pool started."""
-
-    __slots__ = ("submitted", "succeeded", "failed", "cancelled", "retried", "crashed", "timed_out", "preempted")
-
-    def __init__(self) -> None:
-        self.submitted = self.succeeded = self.failed = self.cancelled = 0
-        self.retried = self.crashed = self.timed_out = self.preempted = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class Supervisor:
@@ -135,17 +87,14 @@ class Supervisor:
         self._timer_seq = itertools.count()
         self._rng = random.Random()
         self.thread = threading.Thread(target=self._main, name="procsched-supervisor", daemon=True)
-        # Under fsync="always" a turn's settlements wait in _held, then in
-        # _waiting until the commit that holds their records is durable.
-        self._held: list[tuple[Any, ...]] | None = [] if self.rec is not None and self.rec.always else None
-        self._waiting: deque[tuple[int, list[tuple[Any, ...]]]] = deque()
-        self.fetched: deque[int] = deque()  # ids of journaled results their callers have read
+        # Under fsync="always" futures settle once their records are durable.
+        self._hold = self.rec.hold if self.rec is not None and self.rec.always else None
         #: futures of the jobs a journal brought back, by job id
         self.recovered: dict[int, JobFuture] = {}
         self.first_job_id = 1
         if self.rec is not None:
             try:
-                self._restore(self.rec.recover(), time.monotonic())
+                self._restore(time.monotonic())
             except BaseException:
                 self.rec.close()
                 self.bell.close()
@@ -196,7 +145,8 @@ class Supervisor:
             self._abandon(PoolError(f"the pool's supervisor crashed: {e!r}"))
             self.backend.close(time.monotonic())
         finally:
-            self._close_journal()
+            if self.rec is not None:
+                self.rec.close()
             oob.sweep(self.prefix)
             with self._ended_lock:
                 self.ended = True
@@ -240,7 +190,7 @@ class Supervisor:
             self._dispatch(now)
             backend.tick(now)
             if self.rec is not None:
-                self._commit()
+                self.rec.end_turn()
             if self.closing and not self.jobs and not self.intake:
                 break
             wake = min(self.timers[0][0] if self.timers else float("inf"), backend.next_deadline())
@@ -270,10 +220,10 @@ class Supervisor:
             elif msg[0] == "jobs":  # fsync="always": acknowledged once durable
                 for job in msg[1]:
                     self._admit(job, now)
-                assert self._held is not None
-                self._held.append(("ack", msg[2]))
+                assert self._hold is not None
+                self._hold(("ack", msg[2]))
             elif msg[0] == "durable":
-                self._release()
+                self.rec.release()  # type: ignore[union-attr]
             elif msg[0] == "compact":
                 assert self.rec is not None
                 self.rec.journal.compact()
@@ -284,7 +234,7 @@ class Supervisor:
 
     def _admit(self, job: Job, now: float) -> None:
         if self.rec is not None:
-            if job.key is not None and self._follow(job):
+            if job.key is not None and self.rec.follow(job, self.jobs):
                 return
             self.rec.submitted(job)
         self.stats.submitted += 1
@@ -316,7 +266,7 @@ class Supervisor:
             fut = job.future
             if job.dispatched or fut.set_running_or_notify_cancel():  # (a cancelled one is notified)
                 if not fut.done():
-                    _resolve(fut, None, error, job.followers)
+                    resolve(fut, None, error, job.followers)
                 if record:
                     self.rec.cancelled(job)  # type: ignore[union-attr]
                 self._finish(job, FAILED)
@@ -499,10 +449,10 @@ class Supervisor:
 
     # -- settling, and the journal ---------------------------------------------
     def _settle(self, job: Job, result: Any, error: BaseException | None) -> None:
-        if self._held is not None:  # fsync="always": once the turn's records are durable
-            self._held.append((job.future, result, error, job.followers))
+        if self._hold is not None:  # fsync="always": once the turn's records are durable
+            self._hold((job.future, result, error, job.followers))
         else:
-            _resolve(job.future, result, error, job.followers)
+            resolve(job.future, result, error, job.followers)
 
     def _promote(self, job: Job) -> bool:
         """The job's own future was cancelled: let a follower's future own it, if any still waits."""
@@ -513,89 +463,22 @@ class Supervisor:
                 return True
         return False
 
-    def _follow(self, job: Job) -> bool:
-        """A job whose key the journal knows: follow the job running it, or take its stored result."""
+    def _restore(self, now: float) -> None:
+        """Queue what the journal had not finished (before the loop starts)."""
         assert self.rec is not None
-        state = self.rec.journal.state
-        prior = state.keys.get(job.key)  # type: ignore[arg-type]
-        if prior is None:
-            return False
-        live = self.jobs.get(prior)
-        if live is not None:
-            if live.followers is None:
-                live.followers = []
-            live.followers.append(job.future)
-        elif state.jobs[prior].state == J_SUCCEEDED:
-            value = self.rec.stored_result(state.jobs[prior])
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_result(value)
-        else:
-            return False  # it failed or was cancelled: run it again
-        job.release_args()
-        return True
-
-    def _restore(self, entries: list[Entry], now: float) -> None:
-        """Make jobs of what the journal had not finished (before the loop starts)."""
-        assert self.rec is not None
-        state = self.rec.journal.state
-        wall = time.time()
-        for e in entries:
-            desc = oob.write(f"{self.prefix}r{e.job}", e.buffers) if e.buffers else b""
-            fut = JobFuture()
-            fut.job_id = e.job
-            job = Job(e.job, fut, e.label, state.fns[e.fn], e.flags, e.args, desc, state.options[e.opts], e.key)
-            job.attempt = e.attempt
-            job.resume = e.checkpoint
+        for job, retry_in in self.rec.restore(self.prefix):
             job.queued_at = now
             self.jobs[job.id] = job
-            self.recovered[job.id] = fut
-            if e.state == J_PENDING:
-                job.state = PENDING
-                self._timer(now + max(0.0, e.retry_at - wall), _RETRY, job.id)
+            self.recovered[job.id] = job.future
+            if retry_in is not None:
+                self._timer(now + retry_in, _RETRY, job.id)
             else:  # a preempted job goes first, as it would have
-                self.queue.push(job.id, job.opts.priority, job.opts.hot, now, front=bool(e.checkpoint))
+                self.queue.push(job.id, job.opts.priority, job.opts.hot, now, front=bool(job.resume))
 
     def _durable(self, commit: int) -> None:
         """From the journal's flusher thread: commits up to ``commit`` are on disk."""
-        if self._held is not None:
+        if self._hold is not None:
             self.post(("durable",))
-
-    def _commit(self) -> None:
-        """End of a loop turn: the turn's records in one write."""
-        assert self.rec is not None
-        fetched = []
-        while self.fetched:
-            fetched.append(self.fetched.popleft())
-        n = self.rec.end_turn(fetched)
-        if self._held:
-            self._waiting.append((n, self._held))
-            self._held = []
-            self._release()
-
-    def _release(self, everything: bool = False) -> None:
-        """Settle what waited for its records to be durable."""
-        assert self.rec is not None
-        writer = self.rec.journal.writer
-        durable = writer.durable if writer is not None else 0
-        while self._waiting and (everything or self._waiting[0][0] <= durable):
-            for item in self._waiting.popleft()[1]:
-                if len(item) == 2:
-                    item[1].set()
-                else:
-                    _resolve(*item)
-
-    def _close_journal(self) -> None:
-        rec = self.rec
-        if rec is None:
-            return
-        try:
-            rec.close()
-        except Exception as e:  # a dying disk must not hide why the loop ended
-            log.error("journal_close_failed", error=repr(e))
-        if self._held is not None:
-            self._waiting.append((0, self._held))
-            self._held = []
-            self._release(everything=True)
 
     # -- timers ---------------------------------------------------------------
     def _timer(self, when: float, kind: int, ref: int) -> None:
@@ -632,15 +515,3 @@ def _stale(job: Job | None) -> bool:
     """A queue entry that will never run: gone, no longer queued, or cancelled by its caller."""
     return job is None or job.state != QUEUED or job.future.cancelled()
 
-
-def _resolve(fut: JobFuture, result: Any, error: BaseException | None, followers: list[JobFuture] | None) -> None:
-    if error is None:
-        fut.set_result(result)
-    else:
-        fut.set_exception(error)
-    for f in followers or ():
-        if f.set_running_or_notify_cancel():
-            if error is None:
-                f.set_result(result)
-            else:
-                f.set_exception(error)

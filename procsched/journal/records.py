@@ -24,7 +24,7 @@ from typing import Union
 
 import msgspec
 
-from ..model import JobOptions
+from ..model import JobOptions, Key
 
 VERSION = 1
 MAGIC = b"PSJL"
@@ -34,8 +34,6 @@ HEADER_SIZE = HEADER.size + 4
 FRAME = struct.Struct("<II")
 #: no record is this large (payloads past ``spill_bytes`` go to their own file)
 MAX_RECORD = 1 << 30
-
-Key = Union[str, int]
 
 
 class Record(msgspec.Struct, array_like=True, gc=False):

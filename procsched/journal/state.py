@@ -15,11 +15,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..model import JobOptions
+from ..model import CANCELLED, CRASHED, FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, JobOptions, Key
 from . import records as r
 
-QUEUED, PENDING, RUNNING = "queued", "pending", "running"
-SUCCEEDED, FAILED, CANCELLED, TIMED_OUT, CRASHED = "succeeded", "failed", "cancelled", "timed_out", "crashed"
 FINAL = frozenset((SUCCEEDED, FAILED, CANCELLED, TIMED_OUT, CRASHED))
 _FINAL_STATE = {"error": FAILED, "crash": CRASHED, "timeout": TIMED_OUT}
 _OVERHEAD = 96  # bytes an image costs beyond its payloads (an estimate for the dead fraction)
@@ -84,7 +82,7 @@ class Entry:
 class JournalState:
     def __init__(self) -> None:
         self.jobs: dict[int, Entry] = {}
-        self.keys: dict[r.Key, int] = {}
+        self.keys: dict[Key, int] = {}
         self.fns: dict[int, bytes] = {}
         self.options: dict[int, JobOptions] = {}
         #: finished jobs, oldest first (the order retention drops them in)
@@ -243,6 +241,17 @@ class JournalState:
         unfinished = [e for e in self.jobs.values() if e.state not in FINAL]
         out += [e.image() for e in finished + unfinished]
         return out
+
+    def dump(self) -> dict[str, Any]:
+        """Everything this state holds, as plain values (two states are equal when their dumps are)."""
+        return {
+            "jobs": {j: tuple(getattr(e, name) for name in Entry.__slots__) for j, e in self.jobs.items()},
+            "keys": dict(self.keys),
+            "finished": list(self.finished),
+            "fns": dict(self.fns),
+            "options": dict(self.options),
+            "next_job": self.next_job,
+        }
 
     def summary(self) -> dict[str, Any]:
         by_state: dict[str, int] = {}

@@ -1,0 +1,71 @@
+"""Jobs as the supervisor holds them, and how a finished one settles its futures.
+
+A :class:`Job` is made by ``submit()`` in the caller's thread (or rebuilt
+from the journal) and, once posted, belongs to the supervisor's loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .futures import JobFuture
+from .ipc import oob
+from .model import QUEUED, JobOptions, Key
+
+
+
+class Job:
+    """The supervisor's record of one job (what ``submit`` made, plus its life so far)."""
+
+    __slots__ = ("id", "future", "label", "fn", "flags", "args", "oob", "opts", "attempt", "state", "resume", "queued_at", "run", "dispatched", "key", "followers")
+
+    def __init__(self, id: int, future: JobFuture, label: str, fn: bytes, flags: int, args: bytes, oob: bytes, opts: JobOptions, key: Key | None = None) -> None:
+        self.id = id
+        self.future = future
+        self.label = label
+        self.fn = fn
+        self.flags = flags
+        self.args = args
+        self.oob = oob
+        self.opts = opts
+        self.attempt = 1
+        self.state = QUEUED
+        self.resume = b""
+        self.queued_at = 0.0
+        self.run = 0
+        self.dispatched = False
+        self.key = key
+        #: futures of later submits with this job's key (they settle with it)
+        self.followers: list[JobFuture] | None = None
+
+    def release_args(self) -> None:
+        """Unlink the job's argument segment: it has ended, or it never reached the loop."""
+        if self.oob:
+            oob.unlink(oob.segment_name(self.oob))
+
+
+class Stats:
+    """Counters of job outcomes since the pool started."""
+
+    __slots__ = ("submitted", "succeeded", "failed", "cancelled", "retried", "crashed", "timed_out", "preempted")
+
+    def __init__(self) -> None:
+        self.submitted = self.succeeded = self.failed = self.cancelled = 0
+        self.retried = self.crashed = self.timed_out = self.preempted = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def resolve(fut: JobFuture, result: Any, error: BaseException | None, followers: list[JobFuture] | None) -> None:
+    """Settle a job's future, and the futures that follow it, with its outcome."""
+    if error is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(error)
+    for f in followers or ():
+        if f.set_running_or_notify_cancel():
+            if error is None:
+                f.set_result(result)
+            else:
+                f.set_exception(error)
