@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from .journal import Journal, JournalCorrupt, JournalError
+from .journal.state import describe
 from .model import JournalConfig
 
 _COLUMNS = ("job", "key", "name", "state", "attempt", "submitted", "finished", "error")
@@ -58,7 +59,7 @@ def _open(path: str, readonly: bool) -> Journal:
 
 def _inspect(args: argparse.Namespace, out: TextIO) -> int:
     j = _open(args.path, readonly=True)
-    rows = [e.as_dict() for e in sorted(j.state.jobs.values(), key=lambda e: e.job)]
+    rows = [describe(e) for e in sorted(j.state.jobs.values(), key=lambda e: e.job)]
     if args.state:
         rows = [row for row in rows if row["state"] == args.state]
     if args.json:

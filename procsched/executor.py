@@ -33,7 +33,7 @@ from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 from .codec import CallEncoder, ItemError, run_calls, run_chunk
-from .config import load_pool_settings
+from .config import load_settings
 from .errors import PoolError
 from .futures import JobFuture
 from .ipc import oob
@@ -282,11 +282,13 @@ class Pool(_Submitter, Executor):
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str], **overrides: Any) -> Pool:
-        """A pool built from the ``[pool]`` table of a settings file (``conf/procsched.toml``).
+        """A pool built from a settings file (``conf/procsched.toml``): its ``[pool]`` table,
+        and a journal if its ``[journal]`` table sets a ``path``.
 
         Keywords override the file; ``max_workers`` missing from both means the CPU count.
         """
-        settings = {**load_pool_settings(path), **overrides}
+        pool, journal = load_settings(path)
+        settings: dict[str, Any] = {"journal": journal, **pool, **overrides}
         return cls(settings.pop("max_workers", None), **settings)
 
     # -- jobs -----------------------------------------------------------------
@@ -426,11 +428,21 @@ def _check_key(key: Any) -> None:
 
 
 def _journal_config(journal: str | os.PathLike[str] | JournalConfig | None) -> JournalConfig | None:
-    if journal is None or isinstance(journal, JournalConfig):
-        return journal
+    if journal is None:
+        return None
     if isinstance(journal, (str, os.PathLike)):
-        return JournalConfig(path=os.fspath(journal))
-    raise TypeError(f"Pool option 'journal' must be a path or a JournalConfig, not {type(journal).__name__}")
+        journal = JournalConfig(path=os.fspath(journal))
+    if not isinstance(journal, JournalConfig):
+        raise TypeError(f"Pool option 'journal' must be a path or a JournalConfig, not {type(journal).__name__}")
+    if journal.fsync not in ("always", "interval", "never"):
+        raise ValueError(f"journal option 'fsync' must be 'always', 'interval' or 'never', not {journal.fsync!r}")
+    for name, low in (("fsync_interval", 0.001), ("compact_dead_fraction", 0.0), ("result_ttl", 0.0), ("segment_bytes", 65536), ("compact_min_bytes", 0), ("spill_bytes", 0), ("keep_results", -1)):
+        v = getattr(journal, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < low:
+            raise ValueError(f"journal option {name!r} must be a number >= {low}, not {v!r}")
+    if journal.compact_dead_fraction >= 1:
+        raise ValueError(f"journal option 'compact_dead_fraction' must be below 1, not {journal.compact_dead_fraction!r}")
+    return journal
 
 
 def _check_config(c: PoolConfig) -> None:

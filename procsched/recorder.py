@@ -34,6 +34,7 @@ from .log import get_logger
 from .model import PENDING, RUNNING, SUCCEEDED, JournalConfig
 
 log = get_logger("procsched.journal")
+_NO_BUFFERS: list[bytes] = []  # shared, never appended to
 
 
 class Recorder:
@@ -53,7 +54,7 @@ class Recorder:
     # -- transitions ----------------------------------------------------------
     def submitted(self, job: Job) -> None:
         j = self.journal
-        buffers = [bytes(b) for b in oob.read(job.oob, False)] if job.oob else []
+        buffers = [bytes(b) for b in oob.read(job.oob, False)] if job.oob else _NO_BUFFERS
         j.append(r.Submitted(job.id, j.fn_id(job.fn), j.opts_id(job.opts), job.flags, job.args, buffers, job.label, job.key, time.time()))
 
     def dispatched(self, job: Job) -> None:
@@ -63,12 +64,19 @@ class Recorder:
         self.journal.append(r.Checkpoint(job.id, state))
 
     def succeeded(self, job: Job, payload: bytes, buffers: list[Any]) -> None:
-        size = len(payload) + sum(memoryview(b).nbytes for b in buffers)
-        if size > self.spill_bytes:
-            name = self.journal.spill(job.id, payload, buffers)
-            self.journal.append(r.Succeeded(job.id, b"", [], name, time.time()))
+        if buffers:
+            if len(payload) + sum(memoryview(b).nbytes for b in buffers) > self.spill_bytes:
+                self._spilled(job, payload, buffers)
+            else:
+                self.journal.append(r.Succeeded(job.id, payload, [bytes(b) for b in buffers], "", time.time()))
+        elif len(payload) > self.spill_bytes:
+            self._spilled(job, payload, buffers)
         else:
-            self.journal.append(r.Succeeded(job.id, payload, [bytes(b) for b in buffers], "", time.time()))
+            self.journal.append(r.Succeeded(job.id, payload, _NO_BUFFERS, "", time.time()))
+
+    def _spilled(self, job: Job, payload: bytes, buffers: list[Any]) -> None:
+        name = self.journal.spill(job.id, payload, buffers)
+        self.journal.append(r.Succeeded(job.id, b"", _NO_BUFFERS, name, time.time()))
 
     def failed(self, job: Job, kind: str, error: BaseException, retry_in: float | None) -> None:
         now = time.time()

@@ -22,8 +22,11 @@ can look at a journal in use), or with the lock to compact it.
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable
 from typing import Any
+
+import msgspec
 
 from ..log import get_logger
 from ..model import JobOptions, JournalConfig
@@ -49,6 +52,9 @@ from .store import (
 __all__ = ["Damage", "Journal", "JournalCorrupt", "JournalError", "JournalLocked", "JournalState"]
 
 log = get_logger("procsched.journal")
+_encode = msgspec.msgpack.Encoder().encode
+_pack_frame = r.FRAME.pack
+_crc = zlib.crc32
 
 
 class Journal:
@@ -61,6 +67,7 @@ class Journal:
         self.segments: list[tuple[int, str]] = []
         self.total_bytes = 0  # bytes in the segments replay reads
         self.writer: SegmentWriter | None = None
+        self._pending: list[bytes] = []  # this turn's frames (the writer's list once it is open)
         self._lock_fd = -1
         self._fn_ids: dict[bytes, int] = {}
         self._opt_ids: dict[int, tuple[JobOptions, int]] = {}
@@ -98,10 +105,10 @@ class Journal:
                 fsync_dir(self.path)
         self.segments = segments[start:]
         end = 0
-        apply = self.state.apply
+        handlers = self.state.handlers
         for i, (_, path) in enumerate(self.segments):
             last = i == len(self.segments) - 1
-            _, end, damage = read_segment(path, apply, last, self.config.salvage, log)
+            _, end, damage = read_segment(path, handlers, last, self.config.salvage, log)
             self.damage += damage
             self.total_bytes += end
         return end
@@ -117,6 +124,7 @@ class Journal:
         cfg = self.config
         if not self.segments:
             self.writer = SegmentWriter.create(self.path, 1, 0, cfg.fsync, cfg.fsync_interval, on_durable)
+            self._pending = self.writer.pending
             self.segments = [(1, segment_path(self.path, 1))]
             self.total_bytes = self.writer.size
             return
@@ -131,15 +139,19 @@ class Journal:
                 os.ftruncate(fd, end)
                 os.fsync(fd)
         self.writer = SegmentWriter(self.path, fd, seq, end, cfg.fsync, cfg.fsync_interval, on_durable)
+        self._pending = self.writer.pending
 
     # -- writing (the supervisor's loop thread) ---------------------------------
     def append(self, rec: r.Record) -> None:
         """Frame ``rec`` for this turn's commit and apply it to the state."""
-        data = r.frame(rec)
-        assert self.writer is not None
-        self.writer.pending.append(data)
-        self.total_bytes += len(data)
+        body = _encode(rec)
+        self._pending.append(_pack_frame(len(body), _crc(body)) + body)
+        self.total_bytes += len(body) + 8
         self.state.apply(rec)
+
+    @property
+    def bytes_written(self) -> int:
+        return 0 if self.writer is None else self.writer.written
 
     def fn_id(self, data: bytes) -> int:
         """The id of a pickled function, writing it the first time."""

@@ -24,7 +24,7 @@ from typing import Union
 
 import msgspec
 
-from ..model import JobOptions, Key
+from ..model import QUEUED, JobOptions, Key
 
 VERSION = 1
 MAGIC = b"PSJL"
@@ -133,7 +133,7 @@ class Dropped(Record, tag=11):
 
 
 class Image(Record, tag=12):
-    """One job's whole state, as compaction writes it."""
+    """One job's whole state: what compaction writes, and the entry the journal's state keeps."""
 
     job: int
     fn: int
@@ -144,17 +144,19 @@ class Image(Record, tag=12):
     label: str
     key: Key | None
     at: float
-    state: str
-    attempt: int
-    checkpoint: bytes
-    result: bytes
-    result_buffers: list[bytes]
-    spill: str
-    error: bytes
-    message: str
-    retry_at: float
-    finished_at: float
-    dead: bool
+    state: str = QUEUED
+    attempt: int = 1
+    checkpoint: bytes = b""
+    result: bytes = b""
+    result_buffers: list[bytes] = []
+    spill: str = ""
+    error: bytes = b""
+    message: str = ""
+    retry_at: float = 0.0
+    finished_at: float = 0.0
+    dead: bool = False
+    #: bytes its image takes, about (for the journal's dead fraction)
+    size: int = 0
 
 
 AnyRecord = Union[Meta, Fn, Opts, Submitted, Dispatched, Checkpoint, Succeeded, Failed, DeadLettered, Cancelled, Requeued, Dropped, Image]

@@ -15,68 +15,37 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from ..model import CANCELLED, CRASHED, FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, JobOptions, Key
 from . import records as r
 
 FINAL = frozenset((SUCCEEDED, FAILED, CANCELLED, TIMED_OUT, CRASHED))
 _FINAL_STATE = {"error": FAILED, "crash": CRASHED, "timeout": TIMED_OUT}
+_NONE: list[bytes] = []  # shared by the entries that no longer hold buffers (never appended to)
 _OVERHEAD = 96  # bytes an image costs beyond its payloads (an estimate for the dead fraction)
 
 
-class Entry:
-    """One job as the journal knows it."""
+Entry = r.Image  # one job as the journal knows it: the state keeps the image compaction writes
 
-    __slots__ = (
-        "job", "fn", "opts", "flags", "args", "buffers", "label", "key", "at", "state", "attempt",
-        "checkpoint", "result", "result_buffers", "spill", "error", "message", "retry_at", "finished_at", "dead", "size",
-    )  # fmt: skip
 
-    def __init__(self, rec: r.Submitted | r.Image) -> None:
-        self.job = rec.job
-        self.fn = rec.fn
-        self.opts = rec.opts
-        self.flags = rec.flags
-        self.args = rec.args
-        self.buffers = rec.buffers
-        self.label = rec.label
-        self.key = rec.key
-        self.at = rec.at
-        self.state = QUEUED
-        self.attempt = 1
-        self.checkpoint = b""
-        self.result = b""
-        self.result_buffers: list[bytes] = []
-        self.spill = ""
-        self.error = b""
-        self.message = ""
-        self.retry_at = 0.0
-        self.finished_at = 0.0
-        self.dead = False
-        self.size = 0
+def _estimate(e: Entry) -> int:
+    """About how many bytes a job's image takes."""
+    n = _OVERHEAD + len(e.args) + len(e.checkpoint) + len(e.result) + len(e.error)
+    if e.buffers:
+        n += sum(map(len, e.buffers))
+    if e.result_buffers:
+        n += sum(map(len, e.result_buffers))
+    return n
 
-    def estimate(self) -> int:
-        """About how many bytes this job's image takes."""
-        n = _OVERHEAD + len(self.args) + len(self.checkpoint) + len(self.result) + len(self.error)
-        for b in self.buffers:
-            n += len(b)
-        for b in self.result_buffers:
-            n += len(b)
-        return n
 
-    def image(self) -> r.Image:
-        return r.Image(
-            self.job, self.fn, self.opts, self.flags, self.args, self.buffers, self.label, self.key, self.at,
-            self.state, self.attempt, self.checkpoint, self.result, self.result_buffers, self.spill,
-            self.error, self.message, self.retry_at, self.finished_at, self.dead,
-        )  # fmt: skip
-
-    def as_dict(self) -> dict[str, Any]:
-        """What ``journal inspect`` shows of a job."""
-        return {
-            "job": self.job, "key": self.key, "name": self.label, "state": self.state, "attempt": self.attempt,
-            "submitted": self.at, "finished": self.finished_at or None, "retry_at": self.retry_at or None,
-            "dead_letter": self.dead, "error": self.message or None, "spill": self.spill or None,
-        }  # fmt: skip
+def describe(e: Entry) -> dict[str, Any]:
+    """What ``journal inspect`` shows of a job."""
+    return {
+        "job": e.job, "key": e.key, "name": e.label, "state": e.state, "attempt": e.attempt,
+        "submitted": e.at, "finished": e.finished_at or None, "retry_at": e.retry_at or None,
+        "dead_letter": e.dead, "error": e.message or None, "spill": e.spill or None,
+    }  # fmt: skip
 
 
 class JournalState:
@@ -108,6 +77,11 @@ class JournalState:
     def apply(self, rec: r.Record) -> None:
         self._apply[type(rec)](rec)
 
+    @property
+    def handlers(self) -> dict[type, Callable[[Any], None]]:
+        """``apply`` by record type (replay looks the handler up itself: a call less per record)."""
+        return self._apply
+
     # -- one method per record type ------------------------------------------
     def _meta(self, rec: r.Meta) -> None:
         self.next_job = max(self.next_job, rec.next_job)
@@ -124,16 +98,23 @@ class JournalState:
             self.keys[e.key] = e.job
         if e.job >= self.next_job:
             self.next_job = e.job + 1
-        e.size = e.estimate()
-        self.live_bytes += e.size
+        e.size = size = _estimate(e)
+        self.live_bytes += size
 
     def _resize(self, e: Entry) -> None:
-        size = e.estimate()
+        size = _estimate(e)
         self.live_bytes += size - e.size
         e.size = size
 
-    def _submitted(self, rec: r.Submitted) -> None:
-        self._add(Entry(rec))
+    def _submitted(self, rec: r.Submitted) -> None:  # (frequent: _add and _estimate inlined)
+        job = rec.job
+        e = self.jobs[job] = Entry(job, rec.fn, rec.opts, rec.flags, rec.args, rec.buffers, rec.label, rec.key, rec.at)
+        if rec.key is not None:
+            self.keys[rec.key] = job
+        if job >= self.next_job:
+            self.next_job = job + 1
+        e.size = size = _OVERHEAD + len(rec.args) + (sum(map(len, rec.buffers)) if rec.buffers else 0)
+        self.live_bytes += size
 
     def _dispatched(self, rec: r.Dispatched) -> None:
         e = self.jobs[rec.job]
@@ -150,12 +131,16 @@ class JournalState:
         e.finished_at = at
         self.finished[e.job] = None
 
-    def _succeeded(self, rec: r.Succeeded) -> None:
-        e = self.jobs[rec.job]
+    def _succeeded(self, rec: r.Succeeded) -> None:  # (the most frequent: _end and _resize inlined)
+        job = rec.job
+        e = self.jobs[job]
         e.result, e.result_buffers, e.spill = rec.result, rec.buffers, rec.spill
-        e.args, e.buffers, e.checkpoint = b"", [], b""  # not needed again: it will not rerun
-        self._end(e, SUCCEEDED, rec.at)
-        self._resize(e)
+        e.args, e.buffers, e.checkpoint = b"", _NONE, b""  # not needed again: it will not rerun
+        e.state, e.finished_at = SUCCEEDED, rec.at
+        self.finished[job] = None
+        size = _OVERHEAD + len(rec.result) + len(e.error) + (sum(map(len, rec.buffers)) if rec.buffers else 0)
+        self.live_bytes += size - e.size
+        e.size = size
 
     def _failed(self, rec: r.Failed) -> None:
         e = self.jobs[rec.job]
@@ -175,7 +160,7 @@ class JournalState:
 
     def _cancelled(self, rec: r.Cancelled) -> None:
         e = self.jobs[rec.job]
-        e.args, e.buffers = b"", []
+        e.args, e.buffers = b"", _NONE
         self._end(e, CANCELLED, rec.at)
         self._resize(e)
 
@@ -195,11 +180,7 @@ class JournalState:
             if e.key is not None and self.keys.get(e.key) == job:
                 del self.keys[e.key]
 
-    def _image(self, rec: r.Image) -> None:
-        e = Entry(rec)
-        e.state, e.attempt, e.checkpoint = rec.state, rec.attempt, rec.checkpoint
-        e.result, e.result_buffers, e.spill = rec.result, rec.result_buffers, rec.spill
-        e.error, e.message, e.retry_at, e.finished_at, e.dead = rec.error, rec.message, rec.retry_at, rec.finished_at, rec.dead
+    def _image(self, e: r.Image) -> None:
         if e.state in FINAL:
             self.finished[e.job] = None
         self._add(e)
@@ -239,13 +220,13 @@ class JournalState:
         out += [r.Opts(i, o) for i, o in self.options.items()]
         finished = [self.jobs[j] for j in self.finished]
         unfinished = [e for e in self.jobs.values() if e.state not in FINAL]
-        out += [e.image() for e in finished + unfinished]
+        out += finished + unfinished
         return out
 
     def dump(self) -> dict[str, Any]:
         """Everything this state holds, as plain values (two states are equal when their dumps are)."""
         return {
-            "jobs": {j: tuple(getattr(e, name) for name in Entry.__slots__) for j, e in self.jobs.items()},
+            "jobs": {j: msgspec.structs.astuple(e) for j, e in self.jobs.items()},
             "keys": dict(self.keys),
             "finished": list(self.finished),
             "fns": dict(self.fns),
