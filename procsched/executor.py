@@ -301,9 +301,9 @@ class Pool(_Submitter, Executor):
         desc = oob.write(f"{self._prefix}a{next(self._segments)}", buffers) if buffers else b""
         fut = JobFuture()
         fut.job_id = job_id
+        if self._on_fetch is not None:
+            fut._on_fetch = self._on_fetch
         if key is not None:
-            if self._on_fetch is not None:
-                fut._on_fetch = self._on_fetch
             with self._lock:
                 self._keyed[key] = fut
         return Job(job_id, fut, opts.name or label or _label(fn), fn_bytes, flags, args_bytes, desc, opts, key)

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from . import policy
 from .futures import Encoded, EncodedError, JobFuture, describe
 from .ipc import oob
-from .journal import Journal
+from .journal import Journal, JournalError
 from .journal import records as r
 from .journal.state import Entry
 from .jobs import Job, resolve
@@ -38,18 +37,16 @@ _NO_BUFFERS: list[bytes] = []  # shared, never appended to
 
 
 class Recorder:
-    def __init__(self, config: JournalConfig, on_durable: Callable[[int], None] | None) -> None:
-        self.journal = Journal(config, on_durable=on_durable)
+    def __init__(self, config: JournalConfig) -> None:
+        self.journal = Journal(config)
         self.always = config.fsync == "always"
         self.spill_bytes = config.spill_bytes
         self.drop_fetched = config.drop_fetched
         self._retire_at = 0.0
         #: ids of results their callers have read (appended by any thread; drop_fetched)
         self.fetched: deque[int] = deque()
-        # fsync="always": this turn's settlements, then queued behind the
-        # commit whose durability they wait for
+        # fsync="always": this turn's settlements, made once its commit is on disk
         self._held: list[tuple[Any, ...]] = []
-        self._waiting: deque[tuple[int, list[tuple[Any, ...]]]] = deque()
 
     # -- transitions ----------------------------------------------------------
     def submitted(self, job: Job) -> None:
@@ -107,7 +104,11 @@ class Recorder:
                 leader.followers = []
             leader.followers.append(job.future)
         elif state.jobs[prior].state == SUCCEEDED:
-            value = self.stored_result(state.jobs[prior])
+            try:
+                value = self.stored_result(state.jobs[prior])
+            except (OSError, JournalError) as e:  # a spill file gone or damaged: run it again
+                log.warning("journal_result_lost", job=prior, key=job.key, error=str(e))
+                return False
             if job.future.set_running_or_notify_cancel():
                 job.future.set_result(value)
         else:
@@ -135,24 +136,20 @@ class Recorder:
         if now >= self._retire_at:  # a few times a second: retention is not urgent
             self._retire_at = now + 0.2
             j.retire(time.time())
-        n = j.commit()
+        j.commit()
         if j.should_compact():
             j.compact()
         if self._held:
-            self._waiting.append((n, self._held))
-            self._held = []
             self.release()
 
-    def release(self, everything: bool = False) -> None:
-        """Settle what waited for its records to be durable."""
-        writer = self.journal.writer
-        durable = writer.durable if writer is not None else 0
-        while self._waiting and (everything or self._waiting[0][0] <= durable):
-            for item in self._waiting.popleft()[1]:
-                if len(item) == 2:
-                    item[1].set()
-                else:
-                    resolve(*item)
+    def release(self) -> None:
+        """Settle what waited for its records to be durable (they are, or the loop is ending)."""
+        held, self._held = self._held, []
+        for item in held:
+            if len(item) == 2:
+                item[1].set()
+            else:
+                resolve(*item)
 
     # -- recovery -------------------------------------------------------------
     def stored_result(self, entry: Entry) -> Encoded:
@@ -194,7 +191,4 @@ class Recorder:
             self.journal.close()
         except Exception as e:  # a dying disk must not hide why the loop ended
             log.error("journal_close_failed", error=repr(e))
-        if self._held:
-            self._waiting.append((0, self._held))
-            self._held = []
-        self.release(everything=True)
+        self.release()

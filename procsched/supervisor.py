@@ -67,7 +67,7 @@ class Supervisor:
         self.prefix = prefix
         # The journal (None without one), opened first: a locked or damaged
         # journal fails the pool before anything else is made.
-        self.rec = None if journal is None else Recorder(journal, self._durable)
+        self.rec = None if journal is None else Recorder(journal)
         self.bell = Doorbell.create()
         self.backend = LocalBackend(config, prefix, self.bell)
         self.queue = ReadyQueue(config.aging_rate)
@@ -222,8 +222,6 @@ class Supervisor:
                     self._admit(job, now)
                 assert self._hold is not None
                 self._hold(("ack", msg[2]))
-            elif msg[0] == "durable":
-                self.rec.release()  # type: ignore[union-attr]
             elif msg[0] == "compact":
                 assert self.rec is not None
                 self.rec.journal.compact()
@@ -474,11 +472,6 @@ class Supervisor:
                 self._timer(now + retry_in, _RETRY, job.id)
             else:  # a preempted job goes first, as it would have
                 self.queue.push(job.id, job.opts.priority, job.opts.hot, now, front=bool(job.resume))
-
-    def _durable(self, commit: int) -> None:
-        """From the journal's flusher thread: commits up to ``commit`` are on disk."""
-        if self._hold is not None:
-            self.post(("durable",))
 
     # -- timers ---------------------------------------------------------------
     def _timer(self, when: float, kind: int, ref: int) -> None:

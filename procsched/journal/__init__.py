@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -58,7 +57,7 @@ _crc = zlib.crc32
 
 
 class Journal:
-    def __init__(self, config: JournalConfig, *, readonly: bool = False, on_durable: Callable[[int], None] | None = None) -> None:
+    def __init__(self, config: JournalConfig, *, readonly: bool = False) -> None:
         self.config = config
         self.path = os.path.abspath(config.path)
         self.readonly = readonly
@@ -68,6 +67,7 @@ class Journal:
         self.total_bytes = 0  # bytes in the segments replay reads
         self.writer: SegmentWriter | None = None
         self._pending: list[bytes] = []  # this turn's frames (the writer's list once it is open)
+        self._unlink: list[str] = []  # spill files of dropped results, removed once the drop is written
         self._lock_fd = -1
         self._fn_ids: dict[bytes, int] = {}
         self._opt_ids: dict[int, tuple[JobOptions, int]] = {}
@@ -85,7 +85,7 @@ class Journal:
             end = self._replay()
             self._learn_ids()
             if not readonly:
-                self._open_writer(end, on_durable)
+                self._open_writer(end)
         except BaseException:
             self._release_lock()
             raise
@@ -120,10 +120,10 @@ class Journal:
         self._next_fn = max(st.fns, default=0) + 1
         self._next_opts = max(st.options, default=0) + 1
 
-    def _open_writer(self, end: int, on_durable: Callable[[int], None] | None) -> None:
+    def _open_writer(self, end: int) -> None:
         cfg = self.config
         if not self.segments:
-            self.writer = SegmentWriter.create(self.path, 1, 0, cfg.fsync, cfg.fsync_interval, on_durable)
+            self.writer = SegmentWriter.create(self.path, 1, 0, cfg.fsync, cfg.fsync_interval)
             self._pending = self.writer.pending
             self.segments = [(1, segment_path(self.path, 1))]
             self.total_bytes = self.writer.size
@@ -138,7 +138,7 @@ class Journal:
             if os.fstat(fd).st_size > end:  # a torn tail: cut it off before appending
                 os.ftruncate(fd, end)
                 os.fsync(fd)
-        self.writer = SegmentWriter(self.path, fd, seq, end, cfg.fsync, cfg.fsync_interval, on_durable)
+        self.writer = SegmentWriter(self.path, fd, seq, end, cfg.fsync, cfg.fsync_interval)
         self._pending = self.writer.pending
 
     # -- writing (the supervisor's loop thread) ---------------------------------
@@ -173,9 +173,13 @@ class Journal:
         return i
 
     def commit(self) -> int:
-        """Write this turn's records; the commit number ``on_durable`` will report."""
+        """Write this turn's records (durable on return under fsync="always"); the commit's number."""
         assert self.writer is not None
         n = self.writer.commit()
+        if self._unlink:  # after the write: a crash before it leaves a file no record names, not the reverse
+            for path in self._unlink:
+                _remove(path)
+            self._unlink.clear()
         if self.writer.size >= self.config.segment_bytes:
             self._roll()
         return n
@@ -195,10 +199,9 @@ class Journal:
             self.drop(expired, "retention")
 
     def drop(self, jobs: list[int], reason: str) -> None:
-        spills = [self.state.jobs[j].spill for j in jobs if j in self.state.jobs and self.state.jobs[j].spill]
+        held = self.state.jobs
+        self._unlink += [self.spill_path(held[j].spill) for j in jobs if j in held and held[j].spill]
         self.append(r.Dropped(jobs, reason))
-        for name in spills:
-            _remove(self.spill_path(name))
 
     def should_compact(self) -> bool:
         cfg = self.config

@@ -15,11 +15,10 @@ file and offset, unless the caller asked to salvage (skip to the next valid
 frame, with a warning).
 
 Writing (:class:`SegmentWriter`): the supervisor adds frames during a loop
-turn and ``commit()`` writes them with one ``write``. A flusher thread
-fsyncs: every ``interval`` seconds when anything was written
-(``fsync="interval"``), or as soon as a commit asks (``"always"``), covering
-every commit made before it started (group commit), then reports the
-highest commit that is durable through ``on_durable``.
+turn and ``commit()`` writes them with one ``write`` (group commit). Under
+``fsync="always"`` the commit also fsyncs, in the loop; under ``"interval"``
+a flusher thread fsyncs every ``interval`` seconds when anything was
+written, so the loop never waits for the disk.
 """
 
 from __future__ import annotations
@@ -191,37 +190,40 @@ def read_segment(path: str, handlers: dict[type, Callable[[Any], None]], last: b
 
 
 class SegmentWriter:
-    """The open segment, its pending frames, and the flusher thread."""
+    """The open segment, the frames of the turn, and (``fsync="interval"``) the flusher thread."""
 
-    def __init__(self, directory: str, fd: int, seq: int, size: int, policy: str, interval: float, on_durable: Callable[[int], None] | None) -> None:
+    def __init__(self, directory: str, fd: int, seq: int, size: int, policy: str, interval: float) -> None:
         self.directory = directory
         self.fd = fd
         self.seq = seq
         self.size = size  # bytes in the open segment
         self.policy = policy
         self.interval = interval
-        self.on_durable = on_durable
         self.pending: list[bytes] = []
         self.commits = 0  # commits written
         self.written = 0  # bytes written since the journal opened
         self.durable = 0  # commits fsynced
         self._fd_lock = threading.Lock()  # held while fsyncing, and to swap fd
-        self._cv = threading.Condition(threading.Lock())
-        self._asked = 0
-        self._stop = False
+        self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        if policy != "never":
+        if policy == "interval":
             self._thread = threading.Thread(target=self._flusher, name="procsched-journal", daemon=True)
             self._thread.start()
 
     @classmethod
-    def create(cls, directory: str, seq: int, flags: int, policy: str, interval: float, on_durable: Callable[[int], None] | None) -> SegmentWriter:
+    def create(cls, directory: str, seq: int, flags: int, policy: str, interval: float) -> SegmentWriter:
         fd = new_segment(directory, seq, flags)
-        return cls(directory, fd, seq, r.HEADER_SIZE, policy, interval, on_durable)
+        return cls(directory, fd, seq, r.HEADER_SIZE, policy, interval)
 
     def commit(self) -> int:
-        """Write what this turn added in one ``write``; the commit's number."""
+        """Write the turn's frames with one ``write`` (and under "always", fsync); the commit's number.
+
+        "always" fsyncs right here, in the supervisor's loop: the loop settles
+        the turn's futures as soon as this returns, with no thread hand-off;
+        everything the turn gathered (from every submitting thread) shares
+        the one fsync.
+        """
         if self._error is not None:
             raise JournalError(f"the journal's flusher failed: {self._error!r}") from self._error
         if not self.pending:
@@ -233,22 +235,13 @@ class SegmentWriter:
         self.written += len(data)
         self.commits += 1
         if self.policy == "always":
-            with self._cv:
-                self._asked = self.commits
-                self._cv.notify()
+            os.fsync(self.fd)
+            self.durable = self.commits
         return self.commits
 
     def _flusher(self) -> None:
         try:
-            while True:
-                with self._cv:
-                    if self.policy == "always":
-                        while self._asked <= self.durable and not self._stop:
-                            self._cv.wait()
-                    else:
-                        self._cv.wait(self.interval)
-                    if self._stop:
-                        return
+            while not self._stop.wait(self.interval):
                 self.sync()
         except BaseException as e:  # an fsync error: commit() raises it in the loop
             self._error = e
@@ -260,10 +253,7 @@ class SegmentWriter:
             return
         with self._fd_lock:
             os.fsync(self.fd)
-        if target > self.durable:
-            self.durable = target
-            if self.on_durable is not None:
-                self.on_durable(target)
+        self.durable = max(self.durable, target)
 
     def switch(self, fd: int, seq: int, size: int) -> None:
         """Continue in another segment; the old one is fsynced and closed first."""
@@ -272,16 +262,9 @@ class SegmentWriter:
             os.close(self.fd)
             self.fd, self.seq, self.size = fd, seq, size
 
-    def truncate(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
-        os.fsync(self.fd)
-        self.size = size
-
     def close(self) -> None:
         if self._thread is not None:
-            with self._cv:
-                self._stop = True
-                self._cv.notify()
+            self._stop.set()
             self._thread.join()
         if self.policy != "never":
             self.sync()
