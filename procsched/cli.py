@@ -110,7 +110,7 @@ def _cell(column: str, value: Any) -> str:
         return "-"
     if column in ("submitted", "finished"):
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
-    text = str(value)
+    text = " ".join(str(value).split())  # one line per row: newlines and tabs become spaces
     return text if len(text) <= 60 else text[:57] + "..."
 
 

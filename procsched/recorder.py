@@ -100,6 +100,7 @@ class Recorder:
             return False
         leader = live.get(prior)
         if leader is not None:
+            job.future.job_id = prior  # it is that job's future now (and what drop_fetched reports)
             if leader.followers is None:
                 leader.followers = []
             leader.followers.append(job.future)
@@ -109,6 +110,7 @@ class Recorder:
             except (OSError, JournalError) as e:  # a spill file gone or damaged: run it again
                 log.warning("journal_result_lost", job=prior, key=job.key, error=str(e))
                 return False
+            job.future.job_id = prior
             if job.future.set_running_or_notify_cancel():
                 job.future.set_result(value)
         else:
@@ -121,8 +123,8 @@ class Recorder:
         """Keep a settlement (future, result, error, followers) or an ack ("ack", event) until durable."""
         self._held.append(item)
 
-    def end_turn(self) -> None:
-        """Commit the turn's records with one write; retention; compaction."""
+    def end_turn(self, final: bool = False) -> None:
+        """Commit the turn's records with one write; retention; compaction (not when ``final``)."""
         j = self.journal
         if self.fetched:
             fetched = []
@@ -133,11 +135,11 @@ class Recorder:
             if gone:
                 j.drop(gone, "fetched")
         now = time.monotonic()
-        if now >= self._retire_at:  # a few times a second: retention is not urgent
+        if now >= self._retire_at or final:  # a few times a second: retention is not urgent
             self._retire_at = now + 0.2
             j.retire(time.time())
         j.commit()
-        if j.should_compact():
+        if j.should_compact() and not final:
             j.compact()
         if self._held:
             self.release()
@@ -188,6 +190,7 @@ class Recorder:
     def close(self) -> None:
         """Write and sync what is left; settle everything still held."""
         try:
+            self.end_turn(final=True)
             self.journal.close()
         except Exception as e:  # a dying disk must not hide why the loop ended
             log.error("journal_close_failed", error=repr(e))

@@ -62,6 +62,7 @@ class Journal:
         self.path = os.path.abspath(config.path)
         self.readonly = readonly
         self.state = JournalState()
+        self._handlers = self.state.handlers
         self.damage: list[Damage] = []
         self.segments: list[tuple[int, str]] = []
         self.total_bytes = 0  # bytes in the segments replay reads
@@ -98,7 +99,12 @@ class Journal:
         for i, (_, path) in enumerate(segments):
             if _is_base(path):
                 start = i
+        if self.readonly and not segments:
+            raise JournalError(f"{self.path} holds no journal segments")
         if not self.readonly:
+            for name in os.listdir(self.path):  # a compaction that died before its rename
+                if name.endswith(".seg.tmp"):
+                    os.unlink(os.path.join(self.path, name))
             for _, path in segments[:start]:  # history a finished compaction did not get to remove
                 os.unlink(path)
             if start:
@@ -145,9 +151,11 @@ class Journal:
     def append(self, rec: r.Record) -> None:
         """Frame ``rec`` for this turn's commit and apply it to the state."""
         body = _encode(rec)
-        self._pending.append(_pack_frame(len(body), _crc(body)) + body)
+        pending = self._pending
+        pending.append(_pack_frame(len(body), _crc(body)))  # (joined at commit: no copy here)
+        pending.append(body)
         self.total_bytes += len(body) + 8
-        self.state.apply(rec)
+        self._handlers[type(rec)](rec)
 
     @property
     def bytes_written(self) -> int:
