@@ -118,23 +118,25 @@ def fsync_latency(directory: str, rounds: int = 200) -> tuple[float, float]:
     return samples[len(samples) // 2] * 1e6, samples[int(len(samples) * 0.99)] * 1e6
 
 
-def build_journal(path: str, records: int) -> int:
-    """A journal of about ``records`` records of finished no-op jobs (4 per job); how many it holds."""
-    j = Journal(JournalConfig(path=path, fsync="never", keep_results=-1, compact_min_bytes=1 << 40))
+def build_journal(path: str, records: int, keep: int = 100_000) -> int:
+    """A journal of about ``records`` records: no-op jobs submitted, dispatched and
+    finished, the oldest dropped past ``keep`` finished ones (the default retention),
+    as a pool writes them; how many records it holds."""
+    j = Journal(JournalConfig(path=path, fsync="never", compact_min_bytes=1 << 40))
     fn = j.fn_id(b"\x80\x05\x95\x1a\x00benchjobs\x94\x8c\x04noop\x94\x93\x94.")
     opts = j.opts_id(JobOptions())
     count = 2
-    job = 0
+    job = dropped = 0
     while count < records:
         job += 1
         j.append(r.Submitted(job, fn, opts, 1, b"\x80\x05K\x01\x85\x94.", [], "noop", None, 1.0))
         j.append(r.Dispatched(job, 1))
         j.append(r.Succeeded(job, b"\x80\x05K\x01.", [], "", 2.0))
         count += 3
-        if job % 4 == 0:  # a quarter of the jobs end up dropped by retention
-            j.append(r.Dropped([job - 3, job - 2], "retention"))
-            count += 1
-        if job % 512 == 0:
+        if job % 256 == 0:  # a loop turn: one commit, and retention's drops
+            if job - dropped > keep:
+                j.append(r.Dropped(list(range(dropped + 1, job - keep + 1)), "retention"))
+                dropped, count = job - keep, count + 1
             j.commit()
     j.close()
     return count

@@ -463,8 +463,9 @@ def test_compaction_under_load_keeps_every_result_and_only_the_retained(tmp_path
     kept = sorted(int(str(e.key)[1:]) for e in state.jobs.values())
     for e in state.jobs.values():
         assert e.state == "succeeded" and _stored(e) == 2 * int(str(e.key)[1:]), (e.key, e.state)
-    # the newest results are the ones kept (jobs finish in about the order they were queued)
-    assert kept[0] >= JOBS - 2 * KEEP, kept
+    # the newest results are the ones kept: jobs finish in about the order they were queued
+    # (a worker's prefetched jobs may finish a few dozen places late, so the bound is loose)
+    assert kept[0] >= JOBS - 10 * KEEP, kept
     segments = _segments(journal)
     on_disk = sum(segments.values())
     assert max(segments) > compactions, "each compaction starts a new segment"

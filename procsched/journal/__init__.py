@@ -68,6 +68,7 @@ class Journal:
         self.total_bytes = 0  # bytes in the segments replay reads
         self.writer: SegmentWriter | None = None
         self._pending: list[bytes] = []  # this turn's frames (the writer's list once it is open)
+        self._next_look = config.compact_min_bytes  # journal size at which should_compact() looks again
         self._unlink: list[str] = []  # spill files of dropped results, removed once the drop is written
         self._lock_fd = -1
         self._fn_ids: dict[bytes, int] = {}
@@ -212,9 +213,16 @@ class Journal:
         self.append(r.Dropped(jobs, reason))
 
     def should_compact(self) -> bool:
-        cfg = self.config
+        """Whether most of the journal is history (asked every turn; it looks only as the journal grows)."""
         total = self.total_bytes
-        return total >= cfg.compact_min_bytes and total - self.state.live_bytes > cfg.compact_dead_fraction * total
+        if total < self._next_look:
+            return False
+        cfg = self.config
+        live = self.state.live_bytes()  # a pass over the jobs: at most once per quarter of growth
+        if total - live > cfg.compact_dead_fraction * total:
+            return True
+        self._next_look = max(cfg.compact_min_bytes, total + total // 4)
+        return False
 
     def compact(self) -> tuple[int, int]:
         """Rewrite the live state as a fresh segment; (bytes before, bytes after)."""
@@ -233,6 +241,7 @@ class Journal:
         fsync_dir(self.path)
         self.segments = [(seq, segment_path(self.path, seq))]
         self.total_bytes = size
+        self._next_look = max(self.config.compact_min_bytes, size * 2)
         self._sweep_spill()
         log.info("journal_compacted", path=self.path, before=before, after=size, jobs=len(self.state.jobs))
         return before, size

@@ -155,11 +155,15 @@ class Image(Record, tag=12):
     retry_at: float = 0.0
     finished_at: float = 0.0
     dead: bool = False
-    #: bytes its image takes, about (for the journal's dead fraction)
-    size: int = 0
 
 
-AnyRecord = Union[Meta, Fn, Opts, Submitted, Dispatched, Checkpoint, Succeeded, Failed, DeadLettered, Cancelled, Requeued, Dropped, Image]
+class Images(Record, tag=13):
+    """Many images in one frame: compaction writes these, so reopening decodes in bulk."""
+
+    images: list[Image]
+
+
+AnyRecord = Union[Meta, Fn, Opts, Submitted, Dispatched, Checkpoint, Succeeded, Failed, DeadLettered, Cancelled, Requeued, Dropped, Image, Images]
 
 _encoder = msgspec.msgpack.Encoder()
 decoder = msgspec.msgpack.Decoder(AnyRecord)

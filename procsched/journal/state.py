@@ -11,7 +11,6 @@ Pure: no files, no clock (times are in the records), no threads.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ from . import records as r
 FINAL = frozenset((SUCCEEDED, FAILED, CANCELLED, TIMED_OUT, CRASHED))
 _FINAL_STATE = {"error": FAILED, "crash": CRASHED, "timeout": TIMED_OUT}
 _NONE: list[bytes] = []  # shared by the entries that no longer hold buffers (never appended to)
+_IMAGES_PER_FRAME, _BYTES_PER_FRAME = 1024, 8 << 20  # compaction's frames: bulk decoding, bounded size
 _OVERHEAD = 96  # bytes an image costs beyond its payloads (an estimate for the dead fraction)
 
 
@@ -55,9 +55,8 @@ class JournalState:
         self.fns: dict[int, bytes] = {}
         self.options: dict[int, JobOptions] = {}
         #: finished jobs, oldest first (the order retention drops them in)
-        self.finished: OrderedDict[int, None] = OrderedDict()
+        self.finished: dict[int, None] = {}
         self.next_job = 1
-        self.live_bytes = 0
         self._apply: dict[type, Callable[[Any], None]] = {
             r.Meta: self._meta,
             r.Fn: self._fn,
@@ -72,6 +71,7 @@ class JournalState:
             r.Requeued: self._requeued,
             r.Dropped: self._dropped,
             r.Image: self._image,
+            r.Images: self._images,
         }
 
     def apply(self, rec: r.Record) -> None:
@@ -98,23 +98,17 @@ class JournalState:
             self.keys[e.key] = e.job
         if e.job >= self.next_job:
             self.next_job = e.job + 1
-        e.size = size = _estimate(e)
-        self.live_bytes += size
 
-    def _resize(self, e: Entry) -> None:
-        size = _estimate(e)
-        self.live_bytes += size - e.size
-        e.size = size
+    # Replay runs these once per record (a million records must replay
+    # within seconds), so the frequent ones are written out flat.
 
-    def _submitted(self, rec: r.Submitted) -> None:  # (frequent: _add and _estimate inlined)
+    def _submitted(self, rec: r.Submitted) -> None:
         job = rec.job
-        e = self.jobs[job] = Entry(job, rec.fn, rec.opts, rec.flags, rec.args, rec.buffers, rec.label, rec.key, rec.at)
+        self.jobs[job] = Entry(job, rec.fn, rec.opts, rec.flags, rec.args, rec.buffers, rec.label, rec.key, rec.at)
         if rec.key is not None:
             self.keys[rec.key] = job
         if job >= self.next_job:
             self.next_job = job + 1
-        e.size = size = _OVERHEAD + len(rec.args) + (sum(map(len, rec.buffers)) if rec.buffers else 0)
-        self.live_bytes += size
 
     def _dispatched(self, rec: r.Dispatched) -> None:
         e = self.jobs[rec.job]
@@ -122,25 +116,25 @@ class JournalState:
         e.attempt = rec.attempt
 
     def _checkpoint(self, rec: r.Checkpoint) -> None:
-        e = self.jobs[rec.job]
-        e.checkpoint = rec.state
-        self._resize(e)
+        self.jobs[rec.job].checkpoint = rec.state
 
-    def _end(self, e: Entry, state: str, at: float) -> None:
-        e.state = state
-        e.finished_at = at
-        self.finished[e.job] = None
-
-    def _succeeded(self, rec: r.Succeeded) -> None:  # (the most frequent: _end and _resize inlined)
+    def _succeeded(self, rec: r.Succeeded) -> None:
         job = rec.job
         e = self.jobs[job]
-        e.result, e.result_buffers, e.spill = rec.result, rec.buffers, rec.spill
-        e.args, e.buffers, e.checkpoint = b"", _NONE, b""  # not needed again: it will not rerun
-        e.state, e.finished_at = SUCCEEDED, rec.at
+        e.state = SUCCEEDED
+        e.finished_at = rec.at
+        e.result = rec.result
+        if rec.buffers:
+            e.result_buffers = rec.buffers
+        if rec.spill:
+            e.spill = rec.spill
+        if e.args:  # not needed again: it will not rerun
+            e.args = b""
+        if e.buffers:
+            e.buffers = _NONE
+        if e.checkpoint:
+            e.checkpoint = b""
         self.finished[job] = None
-        size = _OVERHEAD + len(rec.result) + len(e.error) + (sum(map(len, rec.buffers)) if rec.buffers else 0)
-        self.live_bytes += size - e.size
-        e.size = size
 
     def _failed(self, rec: r.Failed) -> None:
         e = self.jobs[rec.job]
@@ -150,10 +144,11 @@ class JournalState:
             e.attempt = rec.attempt + 1
             e.retry_at = rec.retry_at
         else:  # the payload stays: a dead letter can be inspected and submitted again
+            e.state = _FINAL_STATE[rec.kind]
             e.attempt = rec.attempt
             e.retry_at = 0.0
-            self._end(e, _FINAL_STATE[rec.kind], rec.at)
-        self._resize(e)
+            e.finished_at = rec.at
+            self.finished[rec.job] = None
 
     def _dead(self, rec: r.DeadLettered) -> None:
         self.jobs[rec.job].dead = True
@@ -161,29 +156,41 @@ class JournalState:
     def _cancelled(self, rec: r.Cancelled) -> None:
         e = self.jobs[rec.job]
         e.args, e.buffers = b"", _NONE
-        self._end(e, CANCELLED, rec.at)
-        self._resize(e)
+        e.state = CANCELLED
+        e.finished_at = rec.at
+        self.finished[rec.job] = None
 
     def _requeued(self, rec: r.Requeued) -> None:
         e = self.jobs[rec.job]
         e.state = QUEUED
         e.checkpoint = rec.checkpoint
-        self._resize(e)
 
     def _dropped(self, rec: r.Dropped) -> None:
+        jobs, keys, finished = self.jobs, self.keys, self.finished
         for job in rec.jobs:
-            e = self.jobs.pop(job, None)
+            e = jobs.pop(job, None)
             if e is None:
                 continue
-            self.finished.pop(job, None)
-            self.live_bytes -= e.size
-            if e.key is not None and self.keys.get(e.key) == job:
-                del self.keys[e.key]
+            finished.pop(job, None)
+            if e.key is not None and keys.get(e.key) == job:
+                del keys[e.key]
 
     def _image(self, e: r.Image) -> None:
         if e.state in FINAL:
             self.finished[e.job] = None
         self._add(e)
+
+    def _images(self, rec: r.Images) -> None:
+        jobs, keys, finished = self.jobs, self.keys, self.finished
+        for e in rec.images:
+            job = e.job
+            jobs[job] = e
+            if e.key is not None:
+                keys[e.key] = job
+            if e.state in FINAL:
+                finished[job] = None
+            if job >= self.next_job:
+                self.next_job = job + 1
 
     # -- questions the supervisor and the tools ask ----------------------------
     def unfinished(self) -> list[Entry]:
@@ -220,8 +227,21 @@ class JournalState:
         out += [r.Opts(i, o) for i, o in self.options.items()]
         finished = [self.jobs[j] for j in self.finished]
         unfinished = [e for e in self.jobs.values() if e.state not in FINAL]
-        out += finished + unfinished
+        chunk: list[Entry] = []
+        size = 0
+        for e in finished + unfinished:  # frames of up to 1024 images or about 8 MiB
+            chunk.append(e)
+            size += _estimate(e)
+            if len(chunk) == _IMAGES_PER_FRAME or size >= _BYTES_PER_FRAME:
+                out.append(r.Images(chunk))
+                chunk, size = [], 0
+        if chunk:
+            out.append(r.Images(chunk))
         return out
+
+    def live_bytes(self) -> int:
+        """About how many bytes a compacted journal would take (one pass over the jobs)."""
+        return sum(map(_estimate, self.jobs.values()))
 
     def dump(self) -> dict[str, Any]:
         """Everything this state holds, as plain values (two states are equal when their dumps are)."""
