@@ -411,9 +411,13 @@ def test_compaction_under_load_keeps_every_result_and_only_the_retained(tmp_path
     submitted = threading.Event()
     with procsched.Pool(2, journal=config) as pool:
 
-        def submit_all() -> None:
+        compacted = threading.Semaphore(0)
+
+        def submit_all() -> None:  # in six parts, each after a compaction: they interleave
             try:
                 for i in range(JOBS):
+                    if i % (JOBS // 6) == 0 and i:
+                        assert compacted.acquire(timeout=RESULT), "no compaction ran"
                     futures.append(pool.options(key=f"k{i}").submit(double, i, PAD))
             except BaseException as e:
                 errors.append(e)
@@ -427,6 +431,7 @@ def test_compaction_under_load_keeps_every_result_and_only_the_retained(tmp_path
                     before = futures[:]  # posted before the compaction: in the journal once it is done
                     pool.compact_journal()
                     compactions += 1
+                    compacted.release()
                     st = _peek(journal)
                     if st is None:  # a compaction of its own removed a segment under the read
                         continue
