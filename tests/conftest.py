@@ -43,6 +43,16 @@ def await_file(path: str | os.PathLike[str], timeout: float = 30.0) -> None:
         time.sleep(0.002)
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(b")") + 2 :][:1] != b"Z"
+
+
 def children(pid: int | None = None) -> list[int]:
     """Live (not zombie) direct children of ``pid`` (default: this process)."""
     pid = os.getpid() if pid is None else pid

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from conftest import await_file, children, our_segments, wait_for
+from conftest import alive, await_file, children, our_segments, wait_for
 
 import procsched
 
@@ -73,16 +73,6 @@ def _arrive(gate: str) -> None:
 
 def _exists(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` is a process that has not exited (a zombie has)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rindex(b")") + 2 :][:1] != b"Z"
 
 
 def _job_pid(gate: Path) -> int:
@@ -655,9 +645,9 @@ def _running_workers(proc: subprocess.Popen[bytes], gate: Path) -> list[int]:
 def _gone(pids: list[int], what: str) -> None:
     """Wait for these processes to be gone; kill the survivors if they are not."""
     try:
-        wait_for(lambda: not any(_alive(p) for p in pids), RESULT, what)
+        wait_for(lambda: not any(alive(p) for p in pids), RESULT, what)
     finally:
-        for p in filter(_alive, pids):
+        for p in filter(alive, pids):
             os.kill(p, signal.SIGKILL)
 
 
@@ -757,7 +747,7 @@ def test_a_killed_or_dead_workers_job_children_go_with_it(
             fut.result(timeout=RESULT)
         child = _read_int(tmp_path / "child")
         assert child is not None
-        wait_for(lambda: not _alive(child), RESULT, f"the job's child {child} to be killed with its worker")
+        wait_for(lambda: not alive(child), RESULT, f"the job's child {child} to be killed with its worker")
 
 
 @pytest.mark.timeout(10)

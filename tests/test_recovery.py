@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
-from conftest import children, wait_for
+from conftest import alive, children, wait_for
 
 import procsched
 from procsched import codec
@@ -61,16 +61,6 @@ def _output(where: Path) -> str:
     return f"stdout: {(where / 'stdout').read_text()!r}\nstderr: {(where / 'stderr').read_text()}"
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` is a process that has not exited (a zombie has)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rindex(b")") + 2 :][:1] != b"Z"
-
-
 def _pids(path: Path, field: int) -> set[int]:
     """The pids in column ``field`` of a file of job lines."""
     out = set()
@@ -95,9 +85,9 @@ def _kill(proc: subprocess.Popen[bytes], where: Path, workers: Callable[[], Iter
     assert proc.wait(timeout=RESULT) == -signal.SIGKILL
     pids |= set(workers())
     try:
-        wait_for(lambda: not any(_alive(p) for p in pids), RESULT, f"the killed child's workers {sorted(pids)} to die with it")
+        wait_for(lambda: not any(alive(p) for p in pids), RESULT, f"the killed child's workers {sorted(pids)} to die with it")
     finally:
-        for p in filter(_alive, pids):
+        for p in filter(alive, pids):
             os.kill(p, signal.SIGKILL)
 
 
@@ -333,7 +323,7 @@ def test_fsync_always_acknowledged_submit_survives_sigkill(killer: str, tmp_path
         else:
             assert proc.wait(timeout=RESULT) == -signal.SIGKILL, _output(tmp_path)
             # its workers had no way to know: wait for any that began the job
-            wait_for(lambda: not any(_alive(p) for p in _pids(gate / "runs", 1)), RESULT, "the killed child's workers to die")
+            wait_for(lambda: not any(alive(p) for p in _pids(gate / "runs", 1)), RESULT, "the killed child's workers to die")
     finally:
         _stop(proc)
     entries = _by_key(_state(journal))

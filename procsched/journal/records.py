@@ -61,7 +61,9 @@ class Opts(Record, tag=2):
     options: JobOptions
 
 
-class Submitted(Record, tag=3):
+class _Job(Record):
+    """What a job is made of, as submitted; an ``Image`` starts with the same fields."""
+
     job: int
     fn: int
     opts: int
@@ -71,6 +73,10 @@ class Submitted(Record, tag=3):
     label: str
     key: Key | None
     at: float  # wall clock
+
+
+class Submitted(_Job, tag=3):
+    pass
 
 
 class Dispatched(Record, tag=4):
@@ -132,18 +138,9 @@ class Dropped(Record, tag=11):
     reason: str
 
 
-class Image(Record, tag=12):
+class Image(_Job, tag=12):
     """One job's whole state: what compaction writes, and the entry the journal's state keeps."""
 
-    job: int
-    fn: int
-    opts: int
-    flags: int
-    args: bytes
-    buffers: list[bytes]
-    label: str
-    key: Key | None
-    at: float
     state: str = QUEUED
     attempt: int = 1
     checkpoint: bytes = b""
