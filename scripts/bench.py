@@ -57,6 +57,15 @@ f1 pipe       os.pipe ping-pong of one byte between two processes: p50 µs.
 f2 conn       multiprocessing.Connection echo of a small tuple: throughput
               with 64 messages in flight (msgs/s) and sequential p50 (µs).
 
+Journal rows (procsched alone; scripts/bench_journal.py has more):
+
+j1 journal    no-op submits without a journal and with fsync="interval"
+              (jobs/s, and their ratio; target >= 0.8), a keyed map with
+              fsync="always" (jobs/s through group commit; target >= 10,000),
+              this disk's fsync p50, journal bytes written per no-op job.
+j2 replay     opening a journal of 1,000,000 records (s; target <= 3) and
+              reopening it after compaction (s; target <= 0.5).
+
 Reading the table: each cell is the median, followed for every peer but
 ProcessPoolExecutor by ``xR``, its ratio to ProcessPoolExecutor, oriented
 so that R > 1 always means better than ProcessPoolExecutor (rate / PPE rate
@@ -75,6 +84,7 @@ import json
 import os
 import platform
 import signal
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,10 +104,10 @@ RESULT_TAG = "@@bench-result "
 FULL = dict(
     n_submit=20_000, n_map=20_000, chunk=256, n_cpu=2_000, lat_rounds=2_000, lat_warmup=200,
     array_mib=64, array_rounds=5, hang_after=3.0, timeout_s=0.2, sleep_s=10.0,
-    floor_rounds=5_000, limit=120.0,
+    floor_rounds=5_000, replay_records=1_000_000, limit=120.0,
 )
 QUICK = dict(FULL, n_submit=2_000, n_map=5_000, n_cpu=200, lat_rounds=300, lat_warmup=50,
-             array_rounds=2, floor_rounds=1_000, limit=60.0)
+             array_rounds=2, floor_rounds=1_000, replay_records=100_000, limit=60.0)
 
 
 # -- jobs: module level in benchjobs.py, so every peer pickles them by reference -----
@@ -427,6 +437,43 @@ def row_timeout(peer: Peer, cfg: SimpleNamespace) -> dict[str, Any]:
     return time_failure(peer, cfg, start, cfg.timeout_s)
 
 
+# -- journal rows: procsched alone (scripts/bench_journal.py has the pieces) --------------
+
+JOURNAL = "journal (procsched only; ratios within the row):"
+
+
+def journal_throughput(cfg: SimpleNamespace) -> dict[str, Any]:
+    import bench_journal as bj
+
+    base = tempfile.mkdtemp(prefix="procsched-bench-")
+    try:
+        path = os.path.join(base, "j")
+        none = bj.submit_rate(None, cfg.n_submit, cfg.workers)[0]
+        interval, per_job = bj.submit_rate(bj.JournalConfig(path=path), cfg.n_submit, cfg.workers)
+        always = bj.always_batch(bj.JournalConfig(path=path + "a", fsync="always"), cfg.n_submit, cfg.workers)
+        p50, _ = bj.fsync_latency(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return {"none": none, "interval": interval, "ratio": interval / none, "always": always, "fsync": p50, "bytes": per_job}
+
+
+def journal_replay(cfg: SimpleNamespace) -> dict[str, Any]:
+    import bench_journal as bj
+
+    base = tempfile.mkdtemp(prefix="procsched-bench-")
+    try:
+        path = os.path.join(base, "j")
+        bj.build_journal(path, cfg.replay_records)
+        replay, _ = bj.replay(path)
+        j = bj.Journal(bj.JournalConfig(path=path))
+        j.compact()
+        j.close()
+        reopen, _ = bj.replay(path)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return {"replay": replay, "reopen": reopen}
+
+
 # -- floor rows: no pool, just the OS and pickling ---------------------------------------
 
 def _echo(conn: Any) -> None:
@@ -511,6 +558,7 @@ class Row:
     fn: Callable[..., dict[str, Any]]
     metrics: tuple[Metric, ...]
     floor: bool = False  # runs once, without a peer
+    heading: str = "floor (no pool):"  # where a floor row is listed
 
 
 ROWS: dict[str, Row] = {r.id: r for r in (
@@ -527,6 +575,16 @@ ROWS: dict[str, Row] = {r.id: r for r in (
     Row("f1", floor_pipe, (Metric("p50", "os.pipe ping-pong p50", "µs", LOWER),), floor=True),
     Row("f2", floor_conn, (Metric("rate", "Connection echo, 64 in flight", "msgs/s", HIGHER),
                            Metric("p50", "Connection echo p50", "µs", LOWER)), floor=True),
+    Row("j1", journal_throughput, (
+        Metric("none", "no-op submits, no journal", "jobs/s", HIGHER),
+        Metric("interval", "no-op submits, fsync=interval", "jobs/s", HIGHER),
+        Metric("ratio", "fsync=interval / no journal", "ratio", HIGHER),
+        Metric("always", "keyed map, fsync=always", "jobs/s", HIGHER),
+        Metric("fsync", "fsync of this disk, p50", "µs", LOWER),
+        Metric("bytes", "journal bytes per no-op job", "bytes", LOWER)), floor=True, heading=JOURNAL),
+    Row("j2", journal_replay, (
+        Metric("replay", "replay of 1M records", "s", LOWER),
+        Metric("reopen", "reopen after compaction", "s", LOWER)), floor=True, heading=JOURNAL),
 )}
 
 
@@ -796,11 +854,12 @@ def report(args: argparse.Namespace, rows: list[Row], peers: list[str], cells: d
             table.append(line)
     if table:
         out.append(render(["row", "measure", "unit", *(PEERS[p].label for p in peers)], table))
-    floor = [[row.id, m.label, m.unit, fmt(cells.get(("floor", m.key + "@" + row.id), Cell()).median)]
-             for row in rows if row.floor for m in row.metrics]
-    if floor:
-        out += ["", "floor (no pool):", render(["row", "measure", "unit", "median"], floor)]
-        notes += [f"  [{row.id}] {n}" for row in rows if row.floor
+    for heading in dict.fromkeys(row.heading for row in rows if row.floor):
+        solo = [r for r in rows if r.floor and r.heading == heading]
+        lines = [[row.id, m.label, m.unit, fmt(cells.get(("floor", m.key + "@" + row.id), Cell()).median)]
+                 for row in solo for m in row.metrics]
+        out += ["", heading, render(["row", "measure", "unit", "median"], lines)]
+        notes += [f"  [{row.id}] {n}" for row in solo
                   for n in cells.get(("floor", row.metrics[0].key + "@" + row.id), Cell()).note_lines()]
     if "spin_cost" in cfg:
         notes.insert(0, f"  [4] the 1 ms job: spin({cfg['spin_n']}) = {cfg['spin_cost'] * 1e3:.3f} ms CPU, measured in the parent")
