@@ -54,8 +54,8 @@ class Recorder:
         buffers = [bytes(b) for b in oob.read(job.oob, False)] if job.oob else _NO_BUFFERS
         j.append(r.Submitted(job.id, j.fn_id(job.fn), j.opts_id(job.opts), job.flags, job.args, buffers, job.label, job.key, time.time()))
 
-    def dispatched(self, job: Job) -> None:
-        self.journal.append(r.Dispatched(job.id, job.attempt))
+    def dispatched(self, job: Job, worker: int) -> None:
+        self.journal.append(r.Dispatched(job.id, job.attempt, worker))
 
     def checkpoint(self, job: Job, state: bytes) -> None:
         self.journal.append(r.Checkpoint(job.id, state))

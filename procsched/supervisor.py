@@ -277,8 +277,6 @@ class Supervisor:
         job.run = rid
         job.state = RUNNING
         self.runs[rid] = job
-        if self.rec is not None:
-            self.rec.dispatched(job)
         flags = job.flags | (frames.F_CHECKPOINT_LIVE if job.opts.preempt == "kill" else 0)
         return frames.Dispatch(rid, job.attempt, flags, job.fn, job.args, job.resume, job.oob)
 
@@ -300,6 +298,8 @@ class Supervisor:
             if self._claim(job):
                 assert job is not None
                 backend.start_hot(self._dispatch_frame(job), job.opts.timeout is not None)
+                if self.rec is not None:
+                    self.rec.dispatched(job, backend.worker_of(job.run))
         while (head := q.peek_hot()) is not None and _stale(jobs.get(head)):  # cancelled while waiting
             self._claim(jobs.get(q.pop_hot()))  # settles it
         if q.hot:
@@ -325,6 +325,9 @@ class Supervisor:
             room -= 1
         if batch:
             backend.start(batch, track, booting)
+            if self.rec is not None:  # after start: the record names the worker (a job given back is requeued)
+                for d in batch:
+                    self.rec.dispatched(self.runs[d.job_id], backend.worker_of(d.job_id))
 
     def _preempt(self, waiting: int, now: float) -> None:
         need = waiting - len(self.yielding)

@@ -387,6 +387,11 @@ class LocalBackend:
         if ring.publish():
             slot.bell.ring()
 
+    def worker_of(self, job_id: int) -> int:
+        """The index of the worker a job was placed on (-1: none)."""
+        slot = self.by_job.get(job_id)
+        return -1 if slot is None else slot.index
+
     def running(self) -> dict[int, int]:
         """job id -> worker index, for the job at the head of each worker's queue."""
         return {s.outstanding[0]: s.index for s in self.slots if s.outstanding and s.state == READY}

@@ -73,3 +73,37 @@ def test_out_of_range_value_names_the_key(tmp_path: Path) -> None:
     conf.write_text("[pool]\nkill_grace = -1.0\n")
     with pytest.raises(ValueError, match="kill_grace"):
         procsched.Pool.from_config(conf)
+
+
+@pytest.mark.timeout(30)
+def test_journal_table_opens_a_journaled_pool(tmp_path: Path) -> None:
+    journal = tmp_path / "jobs.journal"
+    conf = tmp_path / "p.toml"
+    conf.write_text(f'[pool]\nmax_workers = 1\n\n[journal]\npath = "{journal}"\nfsync = "always"\nkeep_results = 7\n')
+    with procsched.Pool.from_config(conf) as pool:
+        assert pool.options(key="k").submit(square, 5).result(timeout=20) == 25
+        rec = pool._sup.rec
+        assert rec is not None and rec.journal.config.fsync == "always" and rec.journal.config.keep_results == 7
+    assert any(name.endswith(".seg") for name in os.listdir(journal))
+
+
+@pytest.mark.timeout(10)
+def test_journal_table_without_a_path_means_no_journal_and_is_still_checked(tmp_path: Path) -> None:
+    conf = tmp_path / "p.toml"
+    conf.write_text('[pool]\nmax_workers = 1\n\n[journal]\nfsync = "interval"\n')
+    with procsched.Pool.from_config(conf) as pool:
+        assert pool._sup.rec is None
+    conf.write_text("[journal]\nfsynk = 1\n")
+    with pytest.raises(procsched.ConfigError, match=r"fsynk.*p\.toml|p\.toml.*fsynk"):
+        procsched.Pool.from_config(conf)
+    conf.write_text('[journal]\nfsync = "sometimes"\n')
+    with pytest.raises(procsched.ConfigError, match=r"\[journal\].*fsync"):
+        procsched.Pool.from_config(conf)
+
+
+@pytest.mark.timeout(10)
+def test_bad_journal_options_name_the_option(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fsync_interval"):
+        procsched.Pool(1, journal=procsched.JournalConfig(path=str(tmp_path / "j"), fsync_interval=0))
+    with pytest.raises(TypeError, match="'journal'"):
+        procsched.Pool(1, journal=42)  # type: ignore[arg-type]

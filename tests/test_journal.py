@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from conftest import await_file, wait_for
 
@@ -702,3 +703,14 @@ def test_cli_compact_shrinks_and_refuses_a_journal_in_use(tmp_path: Path) -> Non
         assert out.stdout == ""
         assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith("procsched: ") and "in use" in out.stderr
         assert _files(path) == held
+
+
+@pytest.mark.timeout(10)
+def test_a_record_from_before_a_field_was_appended_reads_with_its_default() -> None:
+    """Records evolve by appending fields with defaults: an older, shorter record still decodes."""
+    old_dispatched = msgspec.msgpack.encode([4, 7, 2])  # tag, job, attempt: no worker yet
+    rec = r.decoder.decode(old_dispatched)
+    assert isinstance(rec, r.Dispatched) and (rec.job, rec.attempt, rec.worker) == (7, 2, -1)
+    old_image = msgspec.msgpack.encode([12, 3, 1, 1, 0, b"", [], "f", None, 1.0, "succeeded"])
+    image = r.decoder.decode(old_image)
+    assert isinstance(image, r.Image) and image.state == "succeeded" and image.attempt == 1 and not image.dead
