@@ -42,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify.add_argument("path")
     compact = jsub.add_parser("compact", help="rewrite the journal as its live state")
     compact.add_argument("path")
+    compact.add_argument("--salvage", action="store_true", help="drop damaged records instead of refusing (they are lost)")
     args = parser.parse_args(argv)
     try:
         return _ACTIONS[args.action](args, sys.stdout)
@@ -53,8 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _open(path: str, readonly: bool) -> Journal:
-    return Journal(JournalConfig(path=path, fsync="never", salvage=True), readonly=readonly)
+def _open(path: str, readonly: bool, salvage: bool = True) -> Journal:
+    """Reading salvages (to show all of it); rewriting does only when asked, as it loses the damage for good."""
+    if not os.path.isdir(path):
+        raise JournalError(f"no journal at {path}")
+    return Journal(JournalConfig(path=path, fsync="never", salvage=salvage), readonly=readonly)
 
 
 def _inspect(args: argparse.Namespace, out: TextIO) -> int:
@@ -93,7 +97,7 @@ def _verify(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _compact(args: argparse.Namespace, out: TextIO) -> int:
-    j = _open(args.path, readonly=False)
+    j = _open(args.path, readonly=False, salvage=args.salvage)
     try:
         before, after = j.compact()
     finally:

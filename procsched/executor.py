@@ -70,7 +70,8 @@ class _Submitter:
         key = changes.pop("key", self._key)
         if key is not None:
             _check_key(key)
-        return PoolView(self._pool, make_options(self._opts, changes), key)
+        # the same options object when only the key changes: the journal writes each one once
+        return PoolView(self._pool, make_options(self._opts, changes) if changes else self._opts, key)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> JobFuture:
         """Schedule ``fn(*args, **kwargs)``; returns its future."""
@@ -81,6 +82,11 @@ class _Submitter:
             if known is not None:
                 return known
         job = pool._make_job(self._opts, fn, args, kwargs, key=self._key)
+        if job.key is not None:
+            winner = pool._claim_key(job)
+            if winner is not job.future:  # another thread submitted the key meanwhile
+                job.release_args()
+                return winner
         pool._post([job])
         return job.future
 
@@ -161,11 +167,15 @@ class _Submitter:
                 _check_key(k)
                 known = pool._keyed_future(k)
                 if known is None:
-                    jobs.append(pool._make_job(self._opts, fn, args if star else (args,), {}, key=k))
-                    known = jobs[-1].future
+                    job = pool._make_job(self._opts, fn, args if star else (args,), {}, key=k)
+                    known = pool._claim_key(job)
+                    if known is job.future:
+                        jobs.append(job)
+                    else:
+                        job.release_args()
                 futures.append(known)
         except BaseException:
-            _discard(jobs)
+            pool._drop(jobs)  # never posted: their keys are free again
             raise
         if jobs:
             pool._post(jobs)
@@ -303,18 +313,31 @@ class Pool(_Submitter, Executor):
         fut.job_id = job_id
         if self._on_fetch is not None:
             fut._on_fetch = self._on_fetch
-        if key is not None:
-            with self._lock:
-                self._keyed[key] = fut
         return Job(job_id, fut, opts.name or label or _label(fn), fn_bytes, flags, args_bytes, desc, opts, key)
 
     def _keyed_future(self, key: Key) -> JobFuture | None:
         """The future of this process's job with ``key``, unless that job failed or was cancelled."""
         with self._lock:
             fut = self._keyed.get(key)
-        if fut is None or (fut.done() and (fut.cancelled() or fut._exception is not None)):
-            return None
-        return fut
+        return fut if fut is not None and _usable(fut) else None
+
+    def _claim_key(self, job: Job) -> JobFuture:
+        """Register ``job`` as its key's, unless a usable future holds the key already; the one that does."""
+        assert job.key is not None
+        with self._lock:
+            fut = self._keyed.get(job.key)
+            if fut is not None and _usable(fut):
+                return fut
+            self._keyed[job.key] = job.future
+        return job.future
+
+    def _drop(self, jobs: list[Job]) -> None:
+        """Jobs that will never reach the loop: their argument segments go, their keys are free."""
+        with self._lock:
+            for job in jobs:
+                if job.key is not None and self._keyed.get(job.key) is job.future:
+                    del self._keyed[job.key]
+        _discard(jobs)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -338,10 +361,10 @@ class Pool(_Submitter, Executor):
             else:
                 self._sup.post(jobs[0] if len(jobs) == 1 else jobs)
         if closed:
-            _discard(jobs)
+            self._drop(jobs)
             raise RuntimeError("cannot schedule new futures after shutdown")
-        if durable is None:
-            return
+        if durable is None or threading.current_thread() is self._sup.thread:
+            return  # (a done-callback runs on the loop: waiting there would wait for itself)
         while not durable.wait(0.5):
             if self._sup.ended:  # it crashed: the futures say why
                 return
@@ -400,6 +423,8 @@ class Pool(_Submitter, Executor):
         """Rewrite the journal as its live state now (it also compacts on its own)."""
         if self._sup.rec is None:
             raise PoolError("this pool has no journal")
+        if threading.current_thread() is self._sup.thread:
+            raise PoolError("compact_journal() cannot be called from a future's done-callback (it runs on the supervisor's loop)")
         self._check_open()
         done = threading.Event()
         self._sup.post(("compact", done))
@@ -425,6 +450,13 @@ def _discard(jobs: list[Job]) -> None:
 def _check_key(key: Any) -> None:
     if isinstance(key, bool) or not isinstance(key, (str, int)):
         raise TypeError(f"option 'key' must be a str or an int, not {type(key).__name__}")
+    if isinstance(key, int) and not -(1 << 63) <= key < (1 << 64):
+        raise ValueError(f"option 'key' must fit in 64 bits, not {key}")
+
+
+def _usable(fut: JobFuture) -> bool:
+    """A keyed future a new submit may share: not failed, not cancelled."""
+    return not (fut.done() and (fut.cancelled() or fut._exception is not None))
 
 
 def _journal_config(journal: str | os.PathLike[str] | JournalConfig | None) -> JournalConfig | None:

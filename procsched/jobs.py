@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .futures import JobFuture
+from .futures import Encoded, JobFuture
 from .ipc import oob
 from .model import QUEUED, JobOptions, Key
 
@@ -66,6 +66,13 @@ def resolve(fut: JobFuture, result: Any, error: BaseException | None, followers:
     for f in followers or ():
         if f.set_running_or_notify_cancel():
             if error is None:
-                f.set_result(result)
+                f.set_result(own_copy(result))
             else:
                 f.set_exception(error)
+
+
+def own_copy(value: Any) -> Any:
+    """An encoded result another future may decode without sharing its buffers' memory."""
+    if type(value) is Encoded and value.buffers:
+        return Encoded(value.payload, [memoryview(bytearray(b)) for b in value.buffers])
+    return value

@@ -155,10 +155,12 @@ class Recorder:
 
     # -- recovery -------------------------------------------------------------
     def stored_result(self, entry: Entry) -> Encoded:
+        """A result from the journal, its buffers writable as a live result's are."""
         if entry.spill:
             payload, buffers = self.journal.load_spill(entry.spill)
-            return Encoded(payload, [memoryview(b) for b in buffers])
-        return Encoded(entry.result, [memoryview(b) for b in entry.result_buffers])
+        else:
+            payload, buffers = entry.result, entry.result_buffers
+        return Encoded(payload, [memoryview(bytearray(b)) for b in buffers])
 
     def restore(self, prefix: str) -> list[tuple[Job, float | None]]:
         """Jobs to run again, in submission order, each with its retry delay if it waits for one.
@@ -174,6 +176,8 @@ class Recorder:
             desc = oob.write(f"{prefix}r{e.job}", e.buffers) if e.buffers else b""
             fut = JobFuture()
             fut.job_id = e.job
+            if self.drop_fetched:
+                fut._on_fetch = self.fetched.append
             job = Job(e.job, fut, e.label, st.fns[e.fn], e.flags, e.args, desc, st.options[e.opts], e.key)
             job.attempt = e.attempt
             job.resume = e.checkpoint
@@ -190,8 +194,10 @@ class Recorder:
     def close(self) -> None:
         """Write and sync what is left; settle everything still held."""
         try:
-            self.end_turn(final=True)
-            self.journal.close()
+            try:
+                self.end_turn(final=True)
+            finally:
+                self.journal.close()
         except Exception as e:  # a dying disk must not hide why the loop ended
             log.error("journal_close_failed", error=repr(e))
         self.release()

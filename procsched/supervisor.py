@@ -68,8 +68,13 @@ class Supervisor:
         # The journal (None without one), opened first: a locked or damaged
         # journal fails the pool before anything else is made.
         self.rec = None if journal is None else Recorder(journal)
-        self.bell = Doorbell.create()
-        self.backend = LocalBackend(config, prefix, self.bell)
+        try:
+            self.bell = Doorbell.create()
+            self.backend = LocalBackend(config, prefix, self.bell)
+        except BaseException:
+            if self.rec is not None:
+                self.rec.close()
+            raise
         self.queue = ReadyQueue(config.aging_rate)
         self.jobs: dict[int, Job] = {}
         self.runs: dict[int, Job] = {}
@@ -98,6 +103,7 @@ class Supervisor:
             except BaseException:
                 self.rec.close()
                 self.bell.close()
+                oob.sweep(prefix)  # argument segments of the jobs restored so far
                 raise
             self.first_job_id = self.rec.journal.state.next_job
 
@@ -115,13 +121,16 @@ class Supervisor:
         """
         if type(message) is tuple:
             with self._ended_lock:
-                if self.ended:
+                if not self.ended:
+                    self.intake.append(message)
+                    # Always ring: if an exception (Ctrl-C) struck a poster between
+                    # the two lines below, this still wakes the loop.
+                    self.sleeping = False
+                    self.bell.ring()
                     return
+            if message[0] == "jobs":  # jobs after all (fsync="always"): their futures fail
                 self.intake.append(message)
-                # Always ring: if an exception (Ctrl-C) struck a poster between
-                # the two lines below, this still wakes the loop.
-                self.sleeping = False
-                self.bell.ring()
+                self._refuse_intake()
             return
         self.intake.append(message)
         if self.ended:
@@ -232,9 +241,16 @@ class Supervisor:
 
     def _admit(self, job: Job, now: float) -> None:
         if self.rec is not None:
-            if job.key is not None and self.rec.follow(job, self.jobs):
+            try:
+                if job.key is not None and self.rec.follow(job, self.jobs):
+                    return
+                self.rec.submitted(job)
+            except Exception as e:  # this job cannot be journaled (a key too large for msgpack ...): it alone fails
+                log.error("journal_refused_job", job=job.id, name=job.label, error=repr(e))
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(PoolError(f"the journal could not record job {job.label}#{job.id}: {e!r}"))
+                job.release_args()
                 return
-            self.rec.submitted(job)
         self.stats.submitted += 1
         self.jobs[job.id] = job
         job.queued_at = now
@@ -242,22 +258,22 @@ class Supervisor:
 
     def _shutdown(self, cancel_futures: bool, kill: bool) -> None:
         self.closing = True
+        self.killing = self.killing or kill  # (before cancelling: terminate() cancels nothing in the journal)
         if cancel_futures or kill:
             for job in list(self.jobs.values()):
                 if not job.dispatched and job.future.cancel():
                     job.future.notify_cancelled()
                     self._finish(job, CANCELLED)
         if kill:
-            self.killing = True
             self._abandon(PoolError("the pool was terminated while this job ran"))
 
     def _abandon(self, error: BaseException) -> None:
         """Fail every job now (terminate(), or the loop crashed).
 
-        The journal records a terminated job as cancelled; after a crash it
-        records nothing, so the jobs run again when the journal is reopened.
+        The journal records nothing of it: terminate() (and Ctrl-C) stop this
+        process's work, they do not cancel it, so the jobs run again when the
+        journal is reopened, as they would after a crash.
         """
-        record = self.rec is not None and self.crashed is None
         for job in list(self.jobs.values()):
             if job.run:
                 self._end_run(job)  # a late outcome of this run must find nothing to settle
@@ -265,8 +281,6 @@ class Supervisor:
             if job.dispatched or fut.set_running_or_notify_cancel():  # (a cancelled one is notified)
                 if not fut.done():
                     resolve(fut, None, error, job.followers)
-                if record:
-                    self.rec.cancelled(job)  # type: ignore[union-attr]
                 self._finish(job, FAILED)
             else:
                 self._finish(job, CANCELLED)
@@ -436,7 +450,7 @@ class Supervisor:
             s.succeeded += 1
         elif state == CANCELLED:
             s.cancelled += 1
-            if self.rec is not None:
+            if self.rec is not None and not self.killing:  # a caller's cancel, not terminate()
                 self.rec.cancelled(job)
             for fut in job.followers or ():
                 if fut.cancel():
@@ -508,6 +522,7 @@ class Supervisor:
 
 
 def _stale(job: Job | None) -> bool:
-    """A queue entry that will never run: gone, no longer queued, or cancelled by its caller."""
-    return job is None or job.state != QUEUED or job.future.cancelled()
+    """A queue entry that will never run: gone, no longer queued, or cancelled by its caller
+    (and by every caller that submitted its key since)."""
+    return job is None or job.state != QUEUED or (job.future.cancelled() and not any(not f.cancelled() for f in job.followers or ()))
 

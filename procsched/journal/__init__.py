@@ -72,7 +72,8 @@ class Journal:
         self._unlink: list[str] = []  # spill files of dropped results, removed once the drop is written
         self._lock_fd = -1
         self._fn_ids: dict[bytes, int] = {}
-        self._opt_ids: dict[int, tuple[JobOptions, int]] = {}
+        self._opt_ids: dict[int, tuple[JobOptions, int]] = {}  # by identity: the common case costs a lookup
+        self._opt_values: dict[bytes, int] = {}  # by value: equal options made apart share an id
         self._next_fn = self._next_opts = 1
         if readonly:
             if not os.path.isdir(self.path):
@@ -124,6 +125,7 @@ class Journal:
         st = self.state
         self._fn_ids = {data: i for i, data in st.fns.items()}
         self._opt_ids = {id(o): (o, i) for i, o in st.options.items()}
+        self._opt_values = {_encode(o): i for i, o in st.options.items()}
         self._next_fn = max(st.fns, default=0) + 1
         self._next_opts = max(st.options, default=0) + 1
 
@@ -172,13 +174,19 @@ class Journal:
         return i
 
     def opts_id(self, opts: JobOptions) -> int:
+        """The id of a set of options, writing it the first time (equal options share one)."""
         hit = self._opt_ids.get(id(opts))
         if hit is not None and hit[0] is opts:
             return hit[1]
-        i = self._next_opts
-        self._next_opts += 1
+        if len(self._opt_ids) > 4096:  # options made per submit: keep the identity cache small
+            self._opt_ids.clear()
+        value = _encode(opts)
+        i = self._opt_values.get(value)
+        if i is None:
+            i = self._opt_values[value] = self._next_opts
+            self._next_opts += 1
+            self.append(r.Opts(i, opts))
         self._opt_ids[id(opts)] = (opts, i)
-        self.append(r.Opts(i, opts))
         return i
 
     def commit(self) -> int:
@@ -268,11 +276,16 @@ class Journal:
 
     # -- closing ------------------------------------------------------------------
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.commit()
-            self.writer.close()
-            self.writer = None
-        self._release_lock()
+        """Write what is pending and sync; the lock and the flusher go even if that fails."""
+        writer, self.writer = self.writer, None
+        try:
+            if writer is not None:
+                try:
+                    writer.commit()
+                finally:
+                    writer.close()
+        finally:
+            self._release_lock()
 
     def _release_lock(self) -> None:
         if self._lock_fd >= 0:

@@ -123,18 +123,32 @@ def _frame_at(data: bytes, mv: memoryview, off: int, n: int) -> tuple[int, Any] 
         return f"unreadable record ({e})"
 
 
-def _describe_bad_frame(data: bytes, mv: memoryview, off: int, n: int) -> str:
+def _describe_bad_frame(data: bytes, mv: memoryview, off: int, n: int) -> tuple[str, bool]:
+    """Why the frame at ``off`` could not be applied, and whether its bytes are whole (checksum good)."""
     got = _frame_at(data, mv, off, n)
     if isinstance(got, str):
-        return got
-    return f"record {type(got[1]).__name__} refers to a job this journal does not hold"
+        return got, got.startswith("unreadable")
+    return f"record {type(got[1]).__name__} refers to a job this journal does not hold", True
+
+
+# A frame's body is a msgpack array whose first element is the record's tag:
+# the two bytes that must follow a frame header, checked before a checksum.
+_ARRAY_HEADS = frozenset([*range(0x91, 0xA0), 0xDC])
+_TAGS = frozenset(range(32))
 
 
 def _resync(data: bytes, mv: memoryview, start: int, n: int) -> int:
     """The first offset after ``start`` where a valid frame begins (``n`` if none)."""
-    for off in range(start, n - r.FRAME.size + 1):
+    head = r.FRAME.size
+    for off in range(start, n - head - 2):
+        first = data[off + head]
+        if first not in _ARRAY_HEADS:
+            continue  # cannot be a record: no checksum to compute
+        tag_at = off + head + (3 if first == 0xDC else 1)
+        if tag_at >= n or data[tag_at] not in _TAGS:
+            continue
         length = int.from_bytes(data[off : off + 4], "little")
-        if off + r.FRAME.size + length <= n and not isinstance(_frame_at(data, mv, off, n), str):
+        if off + head + length <= n and not isinstance(_frame_at(data, mv, off, n), str):
             return off
     return n
 
@@ -170,14 +184,18 @@ def read_segment(path: str, handlers: dict[type, Callable[[Any], None]], last: b
                             continue
                         except (msgspec.DecodeError, KeyError, AttributeError):
                             pass  # described below
-            detail = _describe_bad_frame(data, mv, off, n)
-            resumed = _resync(data, mv, off + 1, n)
-            if resumed == n and last:
-                damage.append(Damage(path, off, n, "torn", detail))
-                log.warning("journal_torn_tail", path=path, offset=off, dropped_bytes=n - off, detail=detail)
-                break
+            detail, whole = _describe_bad_frame(data, mv, off, n)
+            if last and not whole:
+                # torn: the crash cut the last write short (a frame running past
+                # the end, or garbage with nothing valid after it)
+                runs_past = off + head > n or off + head + unpack(data, off)[0] > n
+                if runs_past or _resync(data, mv, off + 1, n) == n:
+                    damage.append(Damage(path, off, n, "torn", detail))
+                    log.warning("journal_torn_tail", path=path, offset=off, dropped_bytes=n - off, detail=detail)
+                    break
             if not salvage:
                 raise JournalCorrupt(path, off, detail)
+            resumed = _resync(data, mv, off + 1, n)
             damage.append(Damage(path, off, resumed, "corrupt", detail))
             log.warning("journal_salvaged", path=path, offset=off, skipped_bytes=resumed - off, detail=detail)
             off = resumed
@@ -319,15 +337,21 @@ def write_blob(path: str, payload: bytes, buffers: list[Any], durable: bool) -> 
             os.fsync(fd)
     finally:
         os.close(fd)
+    if durable:  # its directory entry too, before a record names it
+        fsync_dir(os.path.dirname(path))
 
 
 def read_blob(path: str) -> tuple[bytes, list[bytes]]:
+    """A spilled result's parts; ``JournalError`` if the file is cut short or damaged."""
     with open(path, "rb") as f:
         data = f.read()
-    magic, crc, count = _BLOB.unpack_from(data)
-    sizes = struct.unpack_from(f"<{count}Q", data, _BLOB.size)
+    try:
+        magic, crc, count = _BLOB.unpack_from(data)
+        sizes = struct.unpack_from(f"<{count}Q", data, _BLOB.size)
+    except struct.error:
+        raise JournalError(f"spilled result {path} is cut short") from None
     off = _BLOB.size + 8 * count
-    if magic != b"PSJB" or zlib.crc32(data[_BLOB.size :]) != crc or off + sum(sizes) != len(data):
+    if magic != b"PSJB" or not count or zlib.crc32(data[_BLOB.size :]) != crc or off + sum(sizes) != len(data):
         raise JournalError(f"spilled result {path} is damaged")
     parts = []
     for n in sizes:
