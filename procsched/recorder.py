@@ -6,12 +6,18 @@ to the journal's state. At the end of a loop turn :meth:`Recorder.end_turn`
 commits the turn's records with one write, lets retention drop old
 results and compacts when the journal is mostly history.
 
-:meth:`Recorder.recover` is the other direction: after the journal has
+:meth:`Recorder.restore` is the other direction: after the journal has
 been replayed it rebuilds the supervisor's jobs from the state, so the
 jobs a dead supervisor had accepted run again. A job that was running
 when it died gets a ``crash`` record for that attempt and runs again
 (at-least-once), whatever its retry policy says: the attempt was not its
 fault, but it is counted.
+
+Keys: :meth:`Recorder.follow` answers a submit whose key the journal
+knows, with the live job's outcome (the new future follows it) or the
+stored result. Under ``fsync="always"`` the futures a turn settles, and
+the submits it acknowledges, are held (:meth:`Recorder.hold`) until the
+turn's commit has been fsynced.
 
 Nothing here unpickles: payloads and results stay bytes.
 """

@@ -26,6 +26,13 @@ doorbell (rung by workers and by ``post``) and every worker's pidfd, with
 the timeout set to the next timer (or a 1 s backstop, see ``_BACKSTOP_MS``);
 work and deaths wake it, it does not poll for them.
 
+With a journal (``self.rec``, see ``recorder.py``), each step above is
+also a record: ``_admit`` writes the submit (or answers a known key from
+the journal), ``_dispatch`` the placement, ``_event`` and ``_failed`` the
+outcome, and the end of every turn commits them with one write. A pool
+opened on a journal starts with the jobs it had not finished
+(``_restore``).
+
 It never unpickles anything (futures decode on the caller's side) and never
 imports cloudpickle.
 """
