@@ -23,6 +23,7 @@ Differences from ``ProcessPoolExecutor``, on purpose:
 from __future__ import annotations
 
 import atexit
+import datetime
 import itertools
 import os
 import threading
@@ -56,6 +57,8 @@ class _Submitter:
     _pool: Pool
     _opts: JobOptions
     _key: Key | None = None
+    #: when its jobs may start: ("delay", seconds after submit) or ("at", wall-clock time); None: at once
+    _when: tuple[str, float] | None = None
 
     def options(self, **changes: Any) -> PoolView:
         """A view of the pool whose ``submit``/``map`` use these job options.
@@ -66,12 +69,23 @@ class _Submitter:
         submitting with a key that is already queued or running returns that
         job's future, and with a journal, a key that already succeeded
         returns its stored result without running it again.
+
+        ``delay`` (seconds after each submit) or ``run_at`` (a timezone-aware
+        ``datetime``) hold the jobs back until then; they then queue with
+        their priority. With a journal, the wait survives a restart.
         """
         key = changes.pop("key", self._key)
         if key is not None:
             _check_key(key)
+        when = _when(changes.pop("delay", None), changes.pop("run_at", None), self._when)
         # the same options object when only the key changes: the journal writes each one once
-        return PoolView(self._pool, make_options(self._opts, changes) if changes else self._opts, key)
+        return PoolView(self._pool, make_options(self._opts, changes) if changes else self._opts, key, when)
+
+    def _not_before(self) -> float:
+        when = self._when
+        if when is None:
+            return 0.0
+        return time.time() + when[1] if when[0] == "delay" else when[1]
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> JobFuture:
         """Schedule ``fn(*args, **kwargs)``; returns its future."""
@@ -82,6 +96,7 @@ class _Submitter:
             if known is not None:
                 return known
         job = pool._make_job(self._opts, fn, args, kwargs, key=self._key)
+        job.not_before = self._not_before()
         if job.key is not None:
             winner = pool._claim_key(job)
             if winner is not job.future:  # another thread submitted the key meanwhile
@@ -149,6 +164,9 @@ class _Submitter:
             _discard(jobs)  # a call that cannot be pickled: the ones made before it are never posted
             raise
         del calls
+        not_before = self._not_before()
+        for job in jobs:
+            job.not_before = not_before
         pool._post(jobs)
         futures = [j.future for j in jobs]
         del jobs
@@ -178,8 +196,41 @@ class _Submitter:
             pool._drop(jobs)  # never posted: their keys are free again
             raise
         if jobs:
+            not_before = self._not_before()
+            for job in jobs:
+                job.not_before = not_before
             pool._post(jobs)
         return futures
+
+    def submit_many(self, calls: Iterable[tuple[Any, ...]]) -> list[JobFuture]:
+        """Submit many calls at once: ``(fn,)``, ``(fn, args)`` or ``(fn, args, kwargs)`` each.
+
+        One hand-off to the supervisor and one journal batch; the futures come
+        back in the calls' order. All or nothing: if any call is malformed or
+        cannot be pickled, none is submitted.
+        """
+        pool = self._pool
+        pool._check_open()
+        if self._key is not None:
+            raise TypeError("submit_many() cannot give one key to many calls")
+        jobs: list[Job] = []
+        try:
+            for i, call in enumerate(calls):
+                if not isinstance(call, tuple) or not 1 <= len(call) <= 3:
+                    raise TypeError(f"submit_many() call {i}: expected (fn, args, kwargs), not {call!r:.80}")
+                fn, args, kwargs = call[0], call[1] if len(call) > 1 else (), call[2] if len(call) > 2 else {}
+                if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+                    raise TypeError(f"submit_many() call {i}: args must be a tuple and kwargs a dict")
+                jobs.append(pool._make_job(self._opts, fn, args, kwargs))
+        except BaseException:
+            _discard(jobs)
+            raise
+        not_before = self._not_before()
+        for job in jobs:
+            job.not_before = not_before
+        if jobs:
+            pool._post(jobs)
+        return [job.future for job in jobs]
 
 
 # The iterators below hold no reference to a value they have yielded (like
@@ -228,10 +279,11 @@ def _chunk_results(futures: list[JobFuture], end: float | None) -> Iterator[Any]
 class PoolView(_Submitter):
     """The pool seen through a set of job options (from ``Pool.options``)."""
 
-    def __init__(self, pool: Pool, opts: JobOptions, key: Key | None = None) -> None:
+    def __init__(self, pool: Pool, opts: JobOptions, key: Key | None = None, when: tuple[str, float] | None = None) -> None:
         self._pool = pool
         self._opts = opts
         self._key = key
+        self._when = when
 
     @property
     def job_options(self) -> JobOptions:
@@ -414,6 +466,30 @@ class Pool(_Submitter, Executor):
         """True while workers keep dying at boot (respawns are backing off)."""
         return self._sup.backend.degraded
 
+    def cancel(self, job: JobFuture | int, kill: bool = False) -> bool:
+        """Cancel a job (its future or id) that has not started; with ``kill``, also one that runs
+        (its worker is killed and replaced). True if the job is, or is being, cancelled."""
+        return bool(self._ask("cancel", _job_id(job), bool(kill)))
+
+    def reprioritize(self, job: JobFuture | int, priority: int) -> bool:
+        """Give a job that has not started a new priority; False if it has started or ended."""
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an int, not {type(priority).__name__}")
+        return bool(self._ask("reprioritize", _job_id(job), priority))
+
+    def _ask(self, what: str, *args: Any) -> Any:
+        """A request the loop answers (it owns the jobs); waits for the answer."""
+        if threading.current_thread() is self._sup.thread:
+            raise PoolError(f"{what}() cannot be called from a future's done-callback (it runs on the supervisor's loop)")
+        self._check_open()
+        answer: list[Any] = []
+        done = threading.Event()
+        self._sup.post((what, *args, answer, done))
+        while not done.wait(0.5):
+            if self._sup.ended:
+                raise PoolError(f"the pool stopped before it could {what}")
+        return answer[0]
+
     @property
     def recovered(self) -> dict[int, JobFuture]:
         """Futures of the unfinished jobs the journal brought back when the pool opened, by job id."""
@@ -452,6 +528,30 @@ def _check_key(key: Any) -> None:
         raise TypeError(f"option 'key' must be a str or an int, not {type(key).__name__}")
     if isinstance(key, int) and not -(1 << 63) <= key < (1 << 64):
         raise ValueError(f"option 'key' must fit in 64 bits, not {key}")
+
+
+def _when(delay: Any, run_at: Any, current: tuple[str, float] | None) -> tuple[str, float] | None:
+    if delay is not None and run_at is not None:
+        raise TypeError("options 'delay' and 'run_at' exclude each other")
+    if delay is not None:
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not delay >= 0 or delay == float("inf"):
+            raise ValueError(f"option 'delay' must be a finite number of seconds >= 0, not {delay!r}")
+        return ("delay", float(delay))
+    if run_at is not None:
+        if not isinstance(run_at, datetime.datetime):
+            raise TypeError(f"option 'run_at' must be a datetime, not {type(run_at).__name__}")
+        if run_at.tzinfo is None or run_at.utcoffset() is None:
+            raise ValueError("option 'run_at' must be timezone-aware (a naive datetime has no single meaning)")
+        return ("at", run_at.timestamp())
+    return current
+
+
+def _job_id(job: Any) -> int:
+    if isinstance(job, JobFuture):
+        return job.job_id
+    if isinstance(job, bool) or not isinstance(job, int):
+        raise TypeError(f"expected a job's future or id, not {type(job).__name__}")
+    return job
 
 
 def _usable(fut: JobFuture) -> bool:

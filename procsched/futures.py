@@ -117,6 +117,18 @@ class JobFuture(Future):  # type: ignore[type-arg]
                     return True
         return False
 
+    def cancel_running(self) -> None:
+        """Cancel a future whose job had started (``pool.cancel(kill=True)``); the stdlib's
+        ``cancel()`` refuses a running future, so this does what it would have done."""
+        with self._condition:
+            if self._state in _DONE:
+                return
+            self._state = CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+
     def notify_cancelled(self) -> None:
         """A cancelled job leaves the pool: wake ``wait()``/``as_completed()`` for it."""
         if self._state == CANCELLED:

@@ -50,6 +50,17 @@ class ReadyQueue:
     def cold(self) -> int:
         return len(self._lanes[1])
 
+    def remove(self, job_id: int) -> bool:
+        """Take a job's entry out (O(n): for changes a person asks for, not the hot path)."""
+        for lane in self._lanes:
+            for i, entry in enumerate(lane):
+                if entry[2] == job_id:
+                    lane[i] = lane[-1]
+                    lane.pop()
+                    heapq.heapify(lane)
+                    return True
+        return False
+
     def __len__(self) -> int:
         return len(self._lanes[0]) + len(self._lanes[1])
 

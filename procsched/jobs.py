@@ -17,7 +17,7 @@ from .model import QUEUED, JobOptions, Key
 class Job:
     """The supervisor's record of one job (what ``submit`` made, plus its life so far)."""
 
-    __slots__ = ("id", "future", "label", "fn", "flags", "args", "oob", "opts", "attempt", "state", "resume", "queued_at", "run", "dispatched", "key", "followers")
+    __slots__ = ("id", "future", "label", "fn", "flags", "args", "oob", "opts", "attempt", "state", "resume", "queued_at", "run", "dispatched", "key", "followers", "not_before", "cancelling")
 
     def __init__(self, id: int, future: JobFuture, label: str, fn: bytes, flags: int, args: bytes, oob: bytes, opts: JobOptions, key: Key | None = None) -> None:
         self.id = id
@@ -37,6 +37,10 @@ class Job:
         self.key = key
         #: futures of later submits with this job's key (they settle with it)
         self.followers: list[JobFuture] | None = None
+        #: wall-clock time before which it must not start (0.0: at once)
+        self.not_before = 0.0
+        #: pool.cancel(kill=True) is stopping it: however its worker ends, it ends cancelled
+        self.cancelling = False
 
     def release_args(self) -> None:
         """Unlink the job's argument segment: it has ended, or it never reached the loop."""

@@ -58,7 +58,10 @@ class Recorder:
     def submitted(self, job: Job) -> None:
         j = self.journal
         buffers = [bytes(b) for b in oob.read(job.oob, False)] if job.oob else _NO_BUFFERS
-        j.append(r.Submitted(job.id, j.fn_id(job.fn), j.opts_id(job.opts), job.flags, job.args, buffers, job.label, job.key, time.time()))
+        j.append(r.Submitted(job.id, j.fn_id(job.fn), j.opts_id(job.opts), job.flags, job.args, buffers, job.label, job.key, time.time(), job.not_before))
+
+    def changed(self, job: Job) -> None:
+        self.journal.append(r.Changed(job.id, self.journal.opts_id(job.opts)))
 
     def dispatched(self, job: Job, worker: int) -> None:
         self.journal.append(r.Dispatched(job.id, job.attempt, worker))

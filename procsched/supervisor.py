@@ -47,6 +47,8 @@ import time
 from collections import deque
 from typing import Any
 
+import msgspec
+
 from . import policy
 from .errors import JobTimeout, PoolError, WorkerCrashed
 from .futures import Encoded, EncodedError, JobFuture, describe
@@ -61,7 +63,7 @@ from .workers import LocalBackend, Lost, Result, Returned, Started
 
 log = get_logger("procsched.supervisor")
 
-_TIMEOUT, _RETRY = 0, 1
+_TIMEOUT, _RETRY, _DUE = 0, 1, 2  # timer kinds: a run's deadline, a retry's backoff, a delayed job's time
 # Longest sleep without a timer. Wakeups are event-driven; this only bounds
 # what a wakeup lost to an exception inside post() (Ctrl-C) or a weaker
 # memory order than the ring protocol assumes could cost.
@@ -238,6 +240,12 @@ class Supervisor:
                     self._admit(job, now)
                 assert self._hold is not None
                 self._hold(("ack", msg[2]))
+            elif msg[0] == "cancel":
+                msg[3].append(self._cancel(msg[1], msg[2], now))
+                msg[4].set()
+            elif msg[0] == "reprioritize":
+                msg[3].append(self._reprioritize(msg[1], msg[2], now))
+                msg[4].set()
             elif msg[0] == "compact":
                 assert self.rec is not None
                 self.rec.journal.compact()
@@ -261,7 +269,56 @@ class Supervisor:
         self.stats.submitted += 1
         self.jobs[job.id] = job
         job.queued_at = now
+        if job.not_before:
+            wait = job.not_before - time.time()
+            if wait > 0:  # delayed: the timer queues it, with its priority, when it is due
+                job.state = PENDING
+                self._timer(now + wait, _DUE, job.id)
+                return
         self.queue.push(job.id, job.opts.priority, job.opts.hot, now)
+
+    def _cancel(self, job_id: int, kill: bool, now: float) -> bool:
+        """``pool.cancel``: a job not started is cancelled; a running one only with ``kill``."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return False
+        if not job.dispatched:
+            if job.future.cancel():
+                job.future.notify_cancelled()
+            self._finish(job, CANCELLED)  # its queue entry or timer finds it gone
+            return True
+        if job.cancelling:
+            return True
+        if job.state == PENDING:  # between attempts (a retry's backoff): nothing runs
+            self._cancelled_running(job)
+            return True
+        if self.backend.withdraw(job.run):  # placed but not begun: it comes back unrun
+            job.cancelling = True
+            return True
+        if kill and self.backend.kill(job.run, "cancel", now):
+            log.info("job_cancel_kill", job=job.id, name=job.label, attempt=job.attempt)
+            job.cancelling = True
+            return True
+        return False
+
+    def _cancelled_running(self, job: Job) -> None:
+        job.future.cancel_running()
+        for fut in job.followers or ():
+            fut.cancel_running()
+        job.followers = None
+        self._finish(job, CANCELLED)
+
+    def _reprioritize(self, job_id: int, priority: int, now: float) -> bool:
+        """A job not yet started gets a new priority (and keeps its place among equals)."""
+        job = self.jobs.get(job_id)
+        if job is None or job.dispatched:
+            return False
+        job.opts = msgspec.structs.replace(job.opts, priority=priority)
+        if self.rec is not None:
+            self.rec.changed(job)
+        if job.state == QUEUED and self.queue.remove(job.id):
+            self.queue.push(job.id, priority, job.opts.hot, job.queued_at)
+        return True
 
     def _shutdown(self, cancel_futures: bool, kill: bool) -> None:
         self.closing = True
@@ -404,13 +461,18 @@ class Supervisor:
             job = self.runs.get(ev.job_id)
             if job is not None:
                 self._end_run(job)
-                self._requeue(job, False)
+                if job.cancelling:
+                    self._cancelled_running(job)
+                else:
+                    self._requeue(job, False)
         elif t is Lost:
             job = self.runs.get(ev.job_id)
             if job is None:
                 return
             self._end_run(job)
-            if ev.killed_for == "preempt":
+            if job.cancelling:
+                self._cancelled_running(job)
+            elif ev.killed_for == "preempt":
                 self.stats.preempted += 1
                 self._requeue(job, True)
             else:
@@ -517,7 +579,9 @@ class Supervisor:
                 job = self.jobs.get(ref)
                 if job is not None and job.state == PENDING:
                     job.state = QUEUED
-                    self.queue.push(job.id, job.opts.priority, job.opts.hot, job.queued_at, front=True)
+                    if kind == _DUE:  # it starts waiting now: aging counts from here
+                        job.queued_at = now
+                    self.queue.push(job.id, job.opts.priority, job.opts.hot, job.queued_at, front=kind == _RETRY)
 
     # -- reading (any thread; values may be a turn old) -------------------------
     def snapshot(self) -> dict[str, Any]:

@@ -414,6 +414,14 @@ class LocalBackend:
             slot.ch.words[W_YIELD] = 0
             slot.yield_job, slot.yield_deadline = 0, 0.0
 
+    def withdraw(self, job_id: int) -> bool:
+        """Take back a job placed on a worker that has not begun it (it returns as ``Returned``)."""
+        slot = self.by_job.get(job_id)
+        if slot is None or slot.ch is None or slot.bell is None or slot.ch.words[W_STARTED] == job_id:
+            return False
+        self._recall(slot)
+        return True
+
     def _recall(self, slot: _Slot) -> None:
         assert slot.ch is not None and slot.bell is not None
         slot.recalling = True

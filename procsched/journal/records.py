@@ -76,7 +76,14 @@ class _Job(Record):
 
 
 class Submitted(_Job, tag=3):
-    pass
+    not_before: float = 0.0  # wall clock: a delayed job waits until then
+
+
+class Changed(Record, tag=14):
+    """A job not yet started got new options (``pool.reprioritize``)."""
+
+    job: int
+    opts: int
 
 
 class Dispatched(Record, tag=4):
@@ -160,7 +167,7 @@ class Images(Record, tag=13):
     images: list[Image]
 
 
-AnyRecord = Union[Meta, Fn, Opts, Submitted, Dispatched, Checkpoint, Succeeded, Failed, DeadLettered, Cancelled, Requeued, Dropped, Image, Images]
+AnyRecord = Union[Meta, Fn, Opts, Submitted, Dispatched, Checkpoint, Succeeded, Failed, DeadLettered, Cancelled, Requeued, Dropped, Image, Images, Changed]
 
 _encoder = msgspec.msgpack.Encoder()
 decoder = msgspec.msgpack.Decoder(AnyRecord)

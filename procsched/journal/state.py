@@ -72,6 +72,7 @@ class JournalState:
             r.Dropped: self._dropped,
             r.Image: self._image,
             r.Images: self._images,
+            r.Changed: self._changed,
         }
 
     def apply(self, rec: r.Record) -> None:
@@ -104,11 +105,16 @@ class JournalState:
 
     def _submitted(self, rec: r.Submitted) -> None:
         job = rec.job
-        self.jobs[job] = Entry(job, rec.fn, rec.opts, rec.flags, rec.args, rec.buffers, rec.label, rec.key, rec.at)
+        e = self.jobs[job] = Entry(job, rec.fn, rec.opts, rec.flags, rec.args, rec.buffers, rec.label, rec.key, rec.at)
+        if rec.not_before:  # delayed: it waits as a retry does
+            e.state, e.retry_at = PENDING, rec.not_before
         if rec.key is not None:
             self.keys[rec.key] = job
         if job >= self.next_job:
             self.next_job = job + 1
+
+    def _changed(self, rec: r.Changed) -> None:
+        self.jobs[rec.job].opts = rec.opts
 
     def _dispatched(self, rec: r.Dispatched) -> None:
         e = self.jobs[rec.job]

@@ -137,9 +137,18 @@ _ARRAY_HEADS = frozenset([*range(0x91, 0xA0), 0xDC])
 _TAGS = frozenset(range(32))
 
 
+_RESYNC_BUDGET = 256 << 20  # bytes checksummed looking for a frame before giving up
+
+
 def _resync(data: bytes, mv: memoryview, start: int, n: int) -> int:
-    """The first offset after ``start`` where a valid frame begins (``n`` if none)."""
+    """The first offset after ``start`` where a valid frame begins (``n`` if none).
+
+    Each offset is first checked for the two bytes a record starts with, so
+    only a few are checksummed; the bytes checksummed are bounded too, so a
+    large payload that happens to look like frames cannot make it quadratic.
+    """
     head = r.FRAME.size
+    budget = _RESYNC_BUDGET
     for off in range(start, n - head - 2):
         first = data[off + head]
         if first not in _ARRAY_HEADS:
@@ -148,7 +157,12 @@ def _resync(data: bytes, mv: memoryview, start: int, n: int) -> int:
         if tag_at >= n or data[tag_at] not in _TAGS:
             continue
         length = int.from_bytes(data[off : off + 4], "little")
-        if off + head + length <= n and not isinstance(_frame_at(data, mv, off, n), str):
+        if off + head + length > n:
+            continue
+        budget -= length
+        if budget < 0:
+            return n
+        if not isinstance(_frame_at(data, mv, off, n), str):
             return off
     return n
 
@@ -186,10 +200,9 @@ def read_segment(path: str, handlers: dict[type, Callable[[Any], None]], last: b
                             pass  # described below
             detail, whole = _describe_bad_frame(data, mv, off, n)
             if last and not whole:
-                # torn: the crash cut the last write short (a frame running past
-                # the end, or garbage with nothing valid after it)
-                runs_past = off + head > n or off + head + unpack(data, off)[0] > n
-                if runs_past or _resync(data, mv, off + 1, n) == n:
+                # torn: the crash cut the last write short (nothing valid after
+                # it; a frame running past the end may be a flipped length)
+                if _resync(data, mv, off + 1, n) == n:
                     damage.append(Damage(path, off, n, "torn", detail))
                     log.warning("journal_torn_tail", path=path, offset=off, dropped_bytes=n - off, detail=detail)
                     break

@@ -1,0 +1,194 @@
+"""Jobs that wait, jobs submitted in bulk, jobs cancelled or reprioritized before or while they run.
+
+Real processes and short real delays for the wiring; what must hold is
+"not before its time" and "in this order", never how fast.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import await_file, wait_for
+
+import procsched
+from procsched import JournalConfig
+from procsched.journal import Journal
+
+RESULT = 20.0
+JOB_WAIT = 30.0
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def stamp(log: str, name: str) -> float:
+    """Append ``name`` to the log; the wall time it ran at."""
+    now = time.time()
+    with open(log, "a") as f:
+        f.write(f"{name}\n")
+    return now
+
+
+def gated(gate: str, value: Any) -> Any:
+    Path(gate, "started").touch()
+    await_file(os.path.join(gate, "go"), JOB_WAIT)
+    return value
+
+
+def sleeper(gate: str) -> None:
+    Path(gate, "started").touch()
+    time.sleep(JOB_WAIT)
+
+
+def fail_then(counter: str) -> int:
+    n = int(Path(counter).read_text()) + 1 if Path(counter).exists() else 1
+    Path(counter).write_text(str(n))
+    raise RuntimeError(f"attempt {n}")
+
+
+def _lines(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+# -- delayed jobs -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_delayed_job_starts_no_sooner_than_asked(tmp_path: Path) -> None:
+    log = str(tmp_path / "log")
+    with procsched.Pool(1) as pool:
+        pool.submit(square, 1).result(timeout=RESULT)  # the worker is up
+        asked = time.time()
+        later = pool.options(delay=0.3).submit(stamp, log, "later")
+        now = pool.submit(stamp, log, "now")
+        at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=0.2)
+        by_time = pool.options(run_at=at).submit(stamp, log, "at")
+        assert later.result(timeout=RESULT) >= asked + 0.3
+        assert by_time.result(timeout=RESULT) >= at.timestamp()
+        assert now.result(timeout=RESULT) < later.result()
+    assert _lines(tmp_path / "log") == ["now", "at", "later"]
+
+
+@pytest.mark.timeout(10)
+def test_bad_times_are_refused_naming_the_option() -> None:
+    with procsched.Pool(1) as pool:
+        with pytest.raises(ValueError, match="timezone-aware"):
+            pool.options(run_at=datetime.datetime.now())
+        with pytest.raises(ValueError, match="'delay'"):
+            pool.options(delay=-1)
+        with pytest.raises(TypeError, match="exclude"):
+            pool.options(delay=1, run_at=datetime.datetime.now(datetime.timezone.utc))
+        with pytest.raises(TypeError, match="'run_at'"):
+            pool.options(run_at="tomorrow")
+
+
+@pytest.mark.timeout(60)
+def test_a_delayed_job_waits_across_a_restart(tmp_path: Path) -> None:
+    """The journal keeps a delayed job's time: the next pool starts it then, not before."""
+    path, log = tmp_path / "j", str(tmp_path / "log")
+    pool = procsched.Pool(1, journal=str(path))
+    due = time.time() + 1.0
+    pool.options(delay=1.0).submit(stamp, log, "delayed")
+    pool.terminate()  # stops this process's work; the journal still holds the job
+    (entry,) = Journal(JournalConfig(path=str(path)), readonly=True).state.jobs.values()
+    assert entry.state == "pending" and abs(entry.retry_at - due) < 0.5
+    with procsched.Pool(1, journal=str(path)) as again:
+        (fut,) = again.recovered.values()
+        assert fut.result(timeout=RESULT) >= entry.retry_at
+
+
+# -- submit_many ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_submit_many_keeps_order_and_is_all_or_nothing() -> None:
+    with procsched.Pool(2) as pool:
+        futures = pool.submit_many([(square, (i,)) for i in range(50)] + [(square, (), {"x": 7}), (os.getpid,)])
+        assert [f.result(timeout=RESULT) for f in futures[:51]] == [i * i for i in range(50)] + [49]
+        before = pool.stats()["submitted"]
+        with pytest.raises(procsched.SerializationError):
+            pool.submit_many([(square, (1,)), (square, (threading.Lock(),))])
+        with pytest.raises(TypeError, match="call 1"):
+            pool.submit_many([(square, (1,)), [square, (2,)]])  # type: ignore[list-item]
+        pool.submit(square, 0).result(timeout=RESULT)
+        assert pool.stats()["submitted"] == before + 1, "a refused batch submits nothing"
+
+
+# -- cancel and reprioritize ------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_cancel_in_every_state(tmp_path: Path) -> None:
+    gate, counter = tmp_path / "gate", str(tmp_path / "n")
+    gate.mkdir()
+    with procsched.Pool(1, journal=str(tmp_path / "j")) as pool:
+        running = pool.submit(sleeper, str(gate))
+        await_file(gate / "started", RESULT)
+        queued = pool.submit(square, 2)
+        delayed = pool.options(delay=30).submit(square, 3)
+        assert pool.cancel(queued) and queued.cancelled()
+        assert pool.cancel(delayed.job_id) and delayed.cancelled()
+        assert not pool.cancel(running), "a running job needs kill=True"
+        assert pool.cancel(running, kill=True)
+        with pytest.raises(cf.CancelledError):
+            running.result(timeout=RESULT)
+        assert running.cancelled()
+        retrying = pool.options(retries=procsched.RetryPolicy.make(3, backoff=30)).submit(fail_then, counter)
+        # its first attempt failed: now it waits 30 s for the next
+        wait_for(lambda: pool.stats()["retried"] >= 1, RESULT, "the first attempt to fail")
+        assert pool.cancel(retrying) and retrying.cancelled()
+        assert not pool.cancel(running), "an ended job cannot be cancelled again"
+        assert pool.submit(square, 5).result(timeout=RESULT) == 25, "the killed worker was replaced"
+        assert pool.stats()["cancelled"] == 4
+    states = {e.job: e.state for e in Journal(JournalConfig(path=str(tmp_path / "j")), readonly=True).state.jobs.values()}
+    for fut in (running, queued, delayed, retrying):
+        assert states[fut.job_id] == "cancelled", (fut, states)
+
+
+@pytest.mark.timeout(60)
+def test_cancel_a_job_waiting_in_a_workers_prefetch(tmp_path: Path) -> None:
+    """A job placed on a worker but not begun is taken back, not run, and its worker is not killed."""
+    gate, log = tmp_path / "gate", str(tmp_path / "log")
+    gate.mkdir()
+    with procsched.Pool(1, prefetch_s=10.0) as pool:
+        list(pool.map(square, range(20)))  # a job duration is known: the worker prefetches
+        blocker = pool.submit(gated, str(gate), "done")
+        behind = [pool.submit(stamp, log, f"b{i}") for i in range(3)]
+        await_file(gate / "started", RESULT)
+        assert pool.cancel(behind[1])
+        (gate / "go").touch()
+        assert blocker.result(timeout=RESULT) == "done"
+        assert behind[0].result(timeout=RESULT) and behind[2].result(timeout=RESULT)
+        assert behind[1].cancelled()
+        assert pool.stats()["restarts"] == 0
+    assert sorted(_lines(tmp_path / "log")) == ["b0", "b2"]
+
+
+@pytest.mark.timeout(60)
+def test_reprioritize_a_queued_job(tmp_path: Path) -> None:
+    gate, log = tmp_path / "gate", str(tmp_path / "log")
+    gate.mkdir()
+    path = tmp_path / "j"
+    with procsched.Pool(1, journal=str(path), aging_rate=0.0) as pool:
+        blocker = pool.submit(gated, str(gate), "done")
+        await_file(gate / "started", RESULT)
+        first = pool.submit(stamp, log, "first")
+        second = pool.submit(stamp, log, "second")
+        assert pool.reprioritize(second, 10)
+        assert not pool.reprioritize(blocker, 10), "it has started"
+        with pytest.raises(TypeError, match="priority"):
+            pool.reprioritize(first, 1.5)  # type: ignore[arg-type]
+        (gate / "go").touch()
+        for f in (blocker, first, second):
+            f.result(timeout=RESULT)
+    assert _lines(tmp_path / "log") == ["second", "first"]
+    state = Journal(JournalConfig(path=str(path)), readonly=True).state
+    assert state.options[state.jobs[second.job_id].opts].priority == 10
