@@ -190,6 +190,20 @@ def run_calls(fn: Callable[..., Any], calls: Sequence[Any], star: bool = True) -
     return _run_batch(fn, calls, star, keep_errors=True)
 
 
+def then_parts(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """The caller's half of a continuation: the call, pickled in band (see :func:`run_then`)."""
+    try:
+        return _dumps((fn, args, kwargs), [], _IN_BAND)
+    except Exception as e:
+        raise SerializationError(f"cannot pickle the continuation {_name(fn)}: {e}") from e
+
+
+def run_then(parts: bytes, payload: bytes, buffers: list[bytes]) -> Any:
+    """Runs in a worker: ``fn(prerequisite's result, *args, **kwargs)`` of ``pool.then``."""
+    fn, args, kwargs = pickle.loads(parts)
+    return fn(load_value(payload, [memoryview(b) for b in buffers]), *args, **kwargs)
+
+
 class ItemError:
     """One failed call of a batch of ``map`` calls: its error payload (see :func:`dump_error`)."""
 

@@ -33,11 +33,11 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
-from .codec import CallEncoder, ItemError, run_calls, run_chunk
+from .codec import CallEncoder, ItemError, run_calls, run_chunk, run_then, then_parts
 from .config import load_settings
 from .errors import PoolError
 from .futures import JobFuture
-from .ipc import oob
+from .ipc import frames, oob
 from .model import DEFAULT_OPTIONS, JobOptions, JournalConfig, Key, PoolConfig, make_options
 from .jobs import Job
 from .supervisor import Supervisor
@@ -59,6 +59,9 @@ class _Submitter:
     _key: Key | None = None
     #: when its jobs may start: ("delay", seconds after submit) or ("at", wall-clock time); None: at once
     _when: tuple[str, float] | None = None
+    #: prerequisites (job ids, and the futures given for them) and what a failed one means
+    _deps: tuple[tuple[int, JobFuture | None], ...] = ()
+    _dep_policy = "cancel"
 
     def options(self, **changes: Any) -> PoolView:
         """A view of the pool whose ``submit``/``map`` use these job options.
@@ -78,14 +81,25 @@ class _Submitter:
         if key is not None:
             _check_key(key)
         when = _when(changes.pop("delay", None), changes.pop("run_at", None), self._when)
+        deps = self._deps if "depends_on" not in changes else self._pool._prerequisites(changes.pop("depends_on"))
+        policy = changes.pop("on_failure", self._dep_policy)
+        if policy not in ("cancel", "run"):
+            raise ValueError(f"option 'on_failure' must be 'cancel' or 'run', not {policy!r}")
         # the same options object when only the key changes: the journal writes each one once
-        return PoolView(self._pool, make_options(self._opts, changes) if changes else self._opts, key, when)
+        view = PoolView(self._pool, make_options(self._opts, changes) if changes else self._opts, key, when)
+        view._deps, view._dep_policy = deps, policy
+        return view
 
-    def _not_before(self) -> float:
+    def _stamp(self, jobs: list[Job]) -> None:
+        """Give new jobs this view's start time and prerequisites."""
         when = self._when
-        if when is None:
-            return 0.0
-        return time.time() + when[1] if when[0] == "delay" else when[1]
+        not_before = 0.0 if when is None else time.time() + when[1] if when[0] == "delay" else when[1]
+        deps = tuple(i for i, _ in self._deps)
+        futures = tuple(f for _, f in self._deps if f is not None)
+        for job in jobs:
+            job.not_before = not_before
+            if deps:
+                job.deps, job.dep_futures, job.dep_policy = deps, futures, self._dep_policy
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> JobFuture:
         """Schedule ``fn(*args, **kwargs)``; returns its future."""
@@ -96,7 +110,7 @@ class _Submitter:
             if known is not None:
                 return known
         job = pool._make_job(self._opts, fn, args, kwargs, key=self._key)
-        job.not_before = self._not_before()
+        self._stamp([job])
         if job.key is not None:
             winner = pool._claim_key(job)
             if winner is not job.future:  # another thread submitted the key meanwhile
@@ -164,9 +178,7 @@ class _Submitter:
             _discard(jobs)  # a call that cannot be pickled: the ones made before it are never posted
             raise
         del calls
-        not_before = self._not_before()
-        for job in jobs:
-            job.not_before = not_before
+        self._stamp(jobs)
         pool._post(jobs)
         futures = [j.future for j in jobs]
         del jobs
@@ -196,9 +208,7 @@ class _Submitter:
             pool._drop(jobs)  # never posted: their keys are free again
             raise
         if jobs:
-            not_before = self._not_before()
-            for job in jobs:
-                job.not_before = not_before
+            self._stamp(jobs)
             pool._post(jobs)
         return futures
 
@@ -225,12 +235,35 @@ class _Submitter:
         except BaseException:
             _discard(jobs)
             raise
-        not_before = self._not_before()
-        for job in jobs:
-            job.not_before = not_before
+        self._stamp(jobs)
         if jobs:
             pool._post(jobs)
         return [job.future for job in jobs]
+
+    def then(self, prerequisite: JobFuture, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> JobFuture:
+        """Run ``fn(prerequisite's result, *args, **kwargs)`` once ``prerequisite`` has succeeded.
+
+        If it fails or is cancelled, this job is cancelled (and so are the
+        jobs that depend on it, per their ``on_failure``). The result passes
+        from worker to worker as bytes; this process never decodes it.
+        """
+        pool = self._pool
+        pool._check_open()
+        if not isinstance(prerequisite, JobFuture):
+            raise TypeError(f"then() takes a job's future, not {type(prerequisite).__name__}")
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        runner, flags = pool._encoder.function(run_then)
+        fut = JobFuture()
+        fut.job_id = next(pool._ids)
+        if pool._on_fetch is not None:
+            fut._on_fetch = pool._on_fetch
+        job = Job(fut.job_id, fut, self._opts.name or _label(fn), runner, flags | frames.F_THEN, then_parts(fn, args, kwargs), b"", self._opts)
+        self._stamp([job])
+        job.deps = (*job.deps, prerequisite.job_id)
+        job.dep_futures = (*job.dep_futures, prerequisite)
+        pool._post([job])
+        return fut
 
 
 # The iterators below hold no reference to a value they have yielded (like
@@ -391,6 +424,27 @@ class Pool(_Submitter, Executor):
                     del self._keyed[job.key]
         _discard(jobs)
 
+    def _prerequisites(self, given: Any) -> tuple[tuple[int, JobFuture | None], ...]:
+        """``depends_on``: futures or ids of jobs this pool knows (submitted before: no cycles)."""
+        if isinstance(given, (JobFuture, int)) or not hasattr(given, "__iter__"):
+            given = [given]
+        out: list[tuple[int, JobFuture | None]] = []
+        for dep in given:
+            if isinstance(dep, JobFuture):
+                out.append((dep.job_id, dep))
+            elif isinstance(dep, int) and not isinstance(dep, bool):
+                if not self._known(dep):
+                    raise ValueError(f"option 'depends_on': no job {dep} in this pool")
+                out.append((dep, None))
+            else:
+                raise TypeError(f"option 'depends_on' takes futures or job ids, not {type(dep).__name__}")
+        return tuple(out)
+
+    def _known(self, job_id: int) -> bool:
+        sup = self._sup
+        rec = sup.rec
+        return job_id in sup.jobs or job_id in sup.outcomes or (rec is not None and job_id in rec.journal.state.jobs) or _in_flight(sup, job_id)
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
@@ -544,6 +598,15 @@ def _when(delay: Any, run_at: Any, current: tuple[str, float] | None) -> tuple[s
             raise ValueError("option 'run_at' must be timezone-aware (a naive datetime has no single meaning)")
         return ("at", run_at.timestamp())
     return current
+
+
+def _in_flight(sup: Supervisor, job_id: int) -> bool:
+    """A job posted but not yet taken in by the loop (a caller thread's look at the intake)."""
+    for msg in list(sup.intake):
+        jobs = msg if type(msg) is list else [msg] if type(msg) is Job else msg[1] if type(msg) is tuple and msg[0] == "jobs" else ()
+        if any(j.id == job_id for j in jobs):
+            return True
+    return False
 
 
 def _job_id(job: Any) -> int:

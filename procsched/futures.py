@@ -66,6 +66,8 @@ class JobFuture(Future):  # type: ignore[type-arg]
     job_id: int = 0
     #: called with ``job_id`` when the result is first read (a journal that drops fetched results)
     _on_fetch: Any = None
+    #: the result's bytes, kept once decoded (a continuation submitted later passes them on)
+    _encoded: Encoded | None = None
 
     def __init__(self) -> None:  # Future.__init__ without its condition (see the module doc)
         self._cond: threading.Condition | None = None
@@ -159,6 +161,7 @@ class JobFuture(Future):  # type: ignore[type-arg]
             with self._condition:
                 value = self._result
                 if type(value) is Encoded:  # decode once, even when two threads ask at once
+                    self._encoded = value
                     value = self._result = codec.load_value(value.payload, value.buffers)
                     if self._on_fetch is not None:
                         self._on_fetch(self.job_id)
@@ -169,6 +172,13 @@ class JobFuture(Future):  # type: ignore[type-arg]
         if type(exc) is EncodedError:
             return self._decode_error()
         return exc
+
+    def encoded_result(self) -> Encoded | None:
+        """The pickled result of a successfully finished future, without decoding it."""
+        if self._state != FINISHED or self._exception is not None:
+            return None
+        value = self._result
+        return value if type(value) is Encoded else self._encoded
 
     def _decode_error(self) -> BaseException:
         exc = self._exception

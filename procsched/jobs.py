@@ -6,6 +6,7 @@ from the journal) and, once posted, belongs to the supervisor's loop.
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 from .futures import Encoded, JobFuture
@@ -17,7 +18,8 @@ from .model import QUEUED, JobOptions, Key
 class Job:
     """The supervisor's record of one job (what ``submit`` made, plus its life so far)."""
 
-    __slots__ = ("id", "future", "label", "fn", "flags", "args", "oob", "opts", "attempt", "state", "resume", "queued_at", "run", "dispatched", "key", "followers", "not_before", "cancelling")
+    __slots__ = ("id", "future", "label", "fn", "flags", "args", "oob", "opts", "attempt", "state", "resume", "queued_at", "run", "dispatched", "key", "followers", "not_before", "cancelling",
+                 "deps", "dep_futures", "dep_policy", "waiting", "dependents")  # fmt: skip
 
     def __init__(self, id: int, future: JobFuture, label: str, fn: bytes, flags: int, args: bytes, oob: bytes, opts: JobOptions, key: Key | None = None) -> None:
         self.id = id
@@ -41,6 +43,13 @@ class Job:
         self.not_before = 0.0
         #: pool.cancel(kill=True) is stopping it: however its worker ends, it ends cancelled
         self.cancelling = False
+        #: prerequisites (job ids), their futures when the caller gave futures, and what a
+        #: failed one means ("cancel" this job, or "run" it anyway)
+        self.deps: tuple[int, ...] = ()
+        self.dep_futures: tuple[JobFuture, ...] = ()
+        self.dep_policy = "cancel"
+        self.waiting = 0  # prerequisites not yet finished
+        self.dependents: list[int] | None = None  # jobs waiting for this one
 
     def release_args(self) -> None:
         """Unlink the job's argument segment: it has ended, or it never reached the loop."""
@@ -73,6 +82,12 @@ def resolve(fut: JobFuture, result: Any, error: BaseException | None, followers:
                 f.set_result(own_copy(result))
             else:
                 f.set_exception(error)
+
+
+def then_arguments(parts: bytes, result: Encoded) -> bytes:
+    """A continuation's arguments once its prerequisite succeeded: ``codec.run_then``'s
+    ``(parts, payload, buffers)``, pickled from bytes the supervisor never loads."""
+    return pickle.dumps(((parts, result.payload, [bytes(b) for b in result.buffers]), {}), 5)
 
 
 def own_copy(value: Any) -> Any:

@@ -33,7 +33,7 @@ from .futures import Encoded, EncodedError, JobFuture, describe
 from .ipc import oob
 from .journal import Journal, JournalError
 from .journal import records as r
-from .journal.state import Entry
+from .journal.state import FINAL, Entry
 from .jobs import Job, resolve
 from .log import get_logger
 from .model import PENDING, RUNNING, SUCCEEDED, JournalConfig
@@ -58,7 +58,7 @@ class Recorder:
     def submitted(self, job: Job) -> None:
         j = self.journal
         buffers = [bytes(b) for b in oob.read(job.oob, False)] if job.oob else _NO_BUFFERS
-        j.append(r.Submitted(job.id, j.fn_id(job.fn), j.opts_id(job.opts), job.flags, job.args, buffers, job.label, job.key, time.time(), job.not_before))
+        j.append(r.Submitted(job.id, j.fn_id(job.fn), j.opts_id(job.opts), job.flags, job.args, buffers, job.label, job.key, time.time(), job.not_before, list(job.deps), job.dep_policy))
 
     def changed(self, job: Job) -> None:
         self.journal.append(r.Changed(job.id, self.journal.opts_id(job.opts)))
@@ -163,6 +163,18 @@ class Recorder:
                 resolve(*item)
 
     # -- recovery -------------------------------------------------------------
+    def outcome(self, job_id: int) -> tuple[bool, Encoded | None] | None:
+        """How a finished job the journal still holds ended: (succeeded, its result if it did)."""
+        e = self.journal.state.jobs.get(job_id)
+        if e is None or e.state not in FINAL:
+            return None
+        if e.state != SUCCEEDED:
+            return False, None
+        try:
+            return True, self.stored_result(e)
+        except (OSError, JournalError):
+            return True, None
+
     def stored_result(self, entry: Entry) -> Encoded:
         """A result from the journal, its buffers writable as a live result's are."""
         if entry.spill:
@@ -190,6 +202,7 @@ class Recorder:
             job = Job(e.job, fut, e.label, st.fns[e.fn], e.flags, e.args, desc, st.options[e.opts], e.key)
             job.attempt = e.attempt
             job.resume = e.checkpoint
+            job.deps, job.dep_policy = tuple(e.deps), e.dep_policy
             if e.state == PENDING:
                 job.state = PENDING
                 out.append((job, max(0.0, e.retry_at - wall)))

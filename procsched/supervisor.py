@@ -55,7 +55,7 @@ from .futures import Encoded, EncodedError, JobFuture, describe
 from .heap import ReadyQueue
 from .ipc import frames, oob
 from .ipc.doorbell import Doorbell
-from .jobs import Job, Stats, resolve
+from .jobs import Job, Stats, resolve, then_arguments
 from .log import get_logger
 from .model import CANCELLED, CRASHED, FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, JournalConfig, PoolConfig
 from .recorder import Recorder
@@ -63,6 +63,9 @@ from .workers import LocalBackend, Lost, Result, Returned, Started
 
 log = get_logger("procsched.supervisor")
 
+WAITING = "waiting"  # for prerequisites (the supervisor's own state: the journal keeps it queued)
+#: how many finished jobs' outcomes are remembered for prerequisites given by id
+_OUTCOMES_KEPT = 100_000
 _TIMEOUT, _RETRY, _DUE = 0, 1, 2  # timer kinds: a run's deadline, a retry's backoff, a delayed job's time
 # Longest sleep without a timer. Wakeups are event-driven; this only bounds
 # what a wakeup lost to an exception inside post() (Ctrl-C) or a weaker
@@ -97,6 +100,7 @@ class Supervisor:
         self.closing = False
         self.killing = False
         self.stats = Stats()
+        self.outcomes: dict[int, bool] = {}  # job id -> succeeded, for the last _OUTCOMES_KEPT
         self._run_ids = itertools.count(1)
         self._timer_seq = itertools.count()
         self._rng = random.Random()
@@ -269,6 +273,17 @@ class Supervisor:
         self.stats.submitted += 1
         self.jobs[job.id] = job
         job.queued_at = now
+        if job.deps and not self._link(job):
+            return  # a prerequisite had failed: it is cancelled already
+        if job.waiting:
+            job.state = WAITING
+            return
+        self._ready(job, now)
+
+    def _ready(self, job: Job, now: float) -> None:
+        """Queue a job whose prerequisites are done (or that had none); a delayed one waits for its time."""
+        job.state = QUEUED
+        job.queued_at = now
         if job.not_before:
             wait = job.not_before - time.time()
             if wait > 0:  # delayed: the timer queues it, with its priority, when it is due
@@ -276,6 +291,65 @@ class Supervisor:
                 self._timer(now + wait, _DUE, job.id)
                 return
         self.queue.push(job.id, job.opts.priority, job.opts.hot, now)
+
+    # -- prerequisites ----------------------------------------------------------
+    def _link(self, job: Job) -> bool:
+        """Count the prerequisites still to finish; settle what the finished ones mean.
+
+        False when one that failed has cancelled this job. Prerequisites
+        always have smaller ids (they exist when this job is submitted), so
+        no cycle can form.
+        """
+        futures = {f.job_id: f for f in job.dep_futures}
+        waiting = 0
+        for dep_id in job.deps:
+            dep = self.jobs.get(dep_id)
+            if dep is not None:
+                if dep.dependents is None:
+                    dep.dependents = []
+                dep.dependents.append(job.id)
+                waiting += 1
+                continue
+            ok, result = self._outcome(dep_id, futures.get(dep_id))
+            if not self._prerequisite_done(job, dep_id, ok, result):
+                return False
+        job.waiting = waiting
+        return True
+
+    def _outcome(self, job_id: int, fut: JobFuture | None) -> tuple[bool, Encoded | None]:
+        """How a finished job ended: (succeeded, its result when known)."""
+        if fut is not None and fut.done():
+            return not fut.cancelled() and fut._exception is None, fut.encoded_result()
+        if self.rec is not None:
+            known = self.rec.outcome(job_id)
+            if known is not None:
+                return known
+        return self.outcomes.get(job_id, True), None  # (gone from every record: it ended long ago)
+
+    def _prerequisite_done(self, job: Job, dep_id: int, ok: bool, result: Encoded | None) -> bool:
+        """One prerequisite of ``job`` finished; False if that cancelled ``job``."""
+        then = job.flags & frames.F_THEN
+        if (not ok and (job.dep_policy == "cancel" or then)) or (then and result is None):
+            log.info("dependency_cancelled", job=job.id, name=job.label, prerequisite=dep_id)
+            if job.future.cancel():
+                job.future.notify_cancelled()
+            self._finish(job, CANCELLED)
+            return False
+        if then:
+            assert result is not None
+            job.args = then_arguments(job.args, result)
+            job.flags &= ~frames.F_THEN
+        return True
+
+    def _release_dependents(self, job: Job, ok: bool, result: Encoded | None, now: float) -> None:
+        for did in job.dependents or ():
+            d = self.jobs.get(did)
+            if d is None or d.state != WAITING:
+                continue
+            if self._prerequisite_done(d, job.id, ok, result):
+                d.waiting -= 1
+                if not d.waiting:
+                    self._ready(d, now)
 
     def _cancel(self, job_id: int, kill: bool, now: float) -> bool:
         """``pool.cancel``: a job not started is cancelled; a running one only with ``kill``."""
@@ -445,8 +519,9 @@ class Supervisor:
             if status == frames.OK:
                 if self.rec is not None:
                     self.rec.succeeded(job, ev.payload, ev.buffers)
-                self._settle(job, Encoded(ev.payload, ev.buffers), None)
-                self._finish(job, SUCCEEDED)
+                value = Encoded(ev.payload, ev.buffers)
+                self._settle(job, value, None)
+                self._finish(job, SUCCEEDED, value)
             elif status == frames.ERROR:
                 self._failed(job, policy.ERROR, EncodedError(ev.payload), frames.error_types(ev.payload), now)
             else:  # PREEMPTED
@@ -510,10 +585,16 @@ class Supervisor:
         self._settle(job, None, error)
         self._finish(job, {policy.ERROR: FAILED, policy.CRASH: CRASHED, policy.TIMEOUT: TIMED_OUT}[kind])
 
-    def _finish(self, job: Job, state: str) -> None:
+    def _finish(self, job: Job, state: str, result: Encoded | None = None) -> None:
         job.state = state
         del self.jobs[job.id]
         job.release_args()
+        outcomes = self.outcomes
+        outcomes[job.id] = state == SUCCEEDED
+        if len(outcomes) > _OUTCOMES_KEPT:
+            del outcomes[next(iter(outcomes))]
+        if job.dependents:
+            self._release_dependents(job, state == SUCCEEDED, result, time.monotonic())
         s = self.stats
         if state == SUCCEEDED:
             s.succeeded += 1
@@ -554,6 +635,12 @@ class Supervisor:
             job.queued_at = now
             self.jobs[job.id] = job
             self.recovered[job.id] = job.future
+            if job.deps:
+                if not self._link(job):
+                    continue
+                if job.waiting:
+                    job.state = WAITING
+                    continue
             if retry_in is not None:
                 self._timer(now + retry_in, _RETRY, job.id)
             else:  # a preempted job goes first, as it would have

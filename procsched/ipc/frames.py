@@ -44,6 +44,7 @@ OK, ERROR, PREEMPTED, RETURNED, CHECKPOINT, RECYCLE = range(6)
 # Dispatch flags.
 F_FN_CACHEABLE = 1  # the function is pickled by reference: the worker may cache it
 F_CHECKPOINT_LIVE = 2  # stream checkpoints to the supervisor (preempt="kill")
+F_THEN = 4  # a continuation: the supervisor adds its prerequisite's result to the arguments
 
 _KIND = struct.Struct("<B")
 _COUNT = struct.Struct("<BI")

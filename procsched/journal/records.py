@@ -77,6 +77,8 @@ class _Job(Record):
 
 class Submitted(_Job, tag=3):
     not_before: float = 0.0  # wall clock: a delayed job waits until then
+    deps: list[int] = []  # prerequisites: it runs once they have finished
+    dep_policy: str = "cancel"  # a prerequisite that fails cancels it, or ("run") does not
 
 
 class Changed(Record, tag=14):
@@ -159,6 +161,8 @@ class Image(_Job, tag=12):
     retry_at: float = 0.0
     finished_at: float = 0.0
     dead: bool = False
+    deps: list[int] = []
+    dep_policy: str = "cancel"
 
 
 class Images(Record, tag=13):

@@ -108,6 +108,8 @@ class JournalState:
         e = self.jobs[job] = Entry(job, rec.fn, rec.opts, rec.flags, rec.args, rec.buffers, rec.label, rec.key, rec.at)
         if rec.not_before:  # delayed: it waits as a retry does
             e.state, e.retry_at = PENDING, rec.not_before
+        if rec.deps:
+            e.deps, e.dep_policy = rec.deps, rec.dep_policy
         if rec.key is not None:
             self.keys[rec.key] = job
         if job >= self.next_job:
