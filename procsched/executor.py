@@ -93,6 +93,8 @@ class _Submitter:
     def _stamp(self, jobs: list[Job]) -> None:
         """Give new jobs this view's start time and prerequisites."""
         when = self._when
+        if when is None and not self._deps:
+            return
         not_before = 0.0 if when is None else time.time() + when[1] if when[0] == "delay" else when[1]
         deps = tuple(i for i, _ in self._deps)
         futures = tuple(f for _, f in self._deps if f is not None)
@@ -443,7 +445,13 @@ class Pool(_Submitter, Executor):
     def _known(self, job_id: int) -> bool:
         sup = self._sup
         rec = sup.rec
-        return job_id in sup.jobs or job_id in sup.outcomes or (rec is not None and job_id in rec.journal.state.jobs) or _in_flight(sup, job_id)
+        return (
+            job_id in sup.jobs
+            or job_id in sup.outcomes
+            or job_id in sup.outcomes_old
+            or (rec is not None and job_id in rec.journal.state.jobs)
+            or _in_flight(sup, job_id)
+        )
 
     def _check_open(self) -> None:
         if self._closed:

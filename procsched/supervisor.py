@@ -100,7 +100,9 @@ class Supervisor:
         self.closing = False
         self.killing = False
         self.stats = Stats()
-        self.outcomes: dict[int, bool] = {}  # job id -> succeeded, for the last _OUTCOMES_KEPT
+        # job id -> succeeded, of recently finished jobs (for prerequisites given by id)
+        self.outcomes: dict[int, bool] = {}
+        self.outcomes_old: dict[int, bool] = {}
         self._run_ids = itertools.count(1)
         self._timer_seq = itertools.count()
         self._rng = random.Random()
@@ -321,10 +323,11 @@ class Supervisor:
         if fut is not None and fut.done():
             return not fut.cancelled() and fut._exception is None, fut.encoded_result()
         if self.rec is not None:
-            known = self.rec.outcome(job_id)
-            if known is not None:
-                return known
-        return self.outcomes.get(job_id, True), None  # (gone from every record: it ended long ago)
+            stored = self.rec.outcome(job_id)
+            if stored is not None:
+                return stored
+        ok = self.outcomes.get(job_id, self.outcomes_old.get(job_id))
+        return (True if ok is None else ok), None  # (None: gone from every record, it ended long ago)
 
     def _prerequisite_done(self, job: Job, dep_id: int, ok: bool, result: Encoded | None) -> bool:
         """One prerequisite of ``job`` finished; False if that cancelled ``job``."""
@@ -591,8 +594,8 @@ class Supervisor:
         job.release_args()
         outcomes = self.outcomes
         outcomes[job.id] = state == SUCCEEDED
-        if len(outcomes) > _OUTCOMES_KEPT:
-            del outcomes[next(iter(outcomes))]
+        if len(outcomes) >= _OUTCOMES_KEPT:  # two generations: between half and all of them are kept
+            self.outcomes_old, self.outcomes = outcomes, {}
         if job.dependents:
             self._release_dependents(job, state == SUCCEEDED, result, time.monotonic())
         s = self.stats
