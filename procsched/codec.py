@@ -159,8 +159,14 @@ class CallEncoder:
         except Exception as e:
             raise SerializationError(f"cannot pickle function {_name(fn)}: {e}") from e
 
-    def arguments(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    def arguments(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], in_band: bool = False) -> tuple[bytes, list[pickle.PickleBuffer]]:
+        """The pickled ``(args, kwargs)`` and the large buffers left out of it (none if ``in_band``)."""
         buffers: list[pickle.PickleBuffer] = []
+        if in_band:
+            try:
+                return _dumps((args, kwargs), buffers, _IN_BAND), buffers
+            except Exception as e:
+                raise SerializationError(f"cannot pickle the arguments of {_name(fn)}: {e}") from e
         if args:
             args = tuple(map(_wrap, args))
         if kwargs:

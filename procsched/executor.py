@@ -34,6 +34,9 @@ from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 from .codec import CallEncoder, ItemError, run_calls, run_chunk, run_then, then_parts
+from .journal.records import ScheduleSet
+from .schedule import MISFIRE_POLICIES, parse_cron
+from .schedules import OVERLAP_POLICIES
 from .config import load_settings
 from .errors import PoolError
 from .futures import JobFuture
@@ -242,6 +245,67 @@ class _Submitter:
             pool._post(jobs)
         return [job.future for job in jobs]
 
+    def cron(
+        self,
+        expr: str,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        name: str,
+        tz: str | None = None,
+        misfire: str = "run_once",
+        overlap: str = "skip",
+        replace: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        """Run ``fn(*args, **kwargs)`` on a cron schedule (5 fields, or 6 with seconds last), in ``tz``
+        (an IANA name; UTC if None), as jobs with this view's options; returns ``name``.
+
+        ``misfire`` (what a stall or downtime owes): "skip", "run_once" (one catch-up run) or
+        "catch_up" (every missed time, at most 100). ``overlap`` (a fire time while the previous
+        run goes on): "skip", "queue", "replace" (kill the old run) or "allow". ``replace``: a
+        schedule of that name is replaced instead of refused.
+        """
+        schedule = parse_cron(expr, tz)  # ValueError naming what is wrong
+        return self._schedule(name, "cron", schedule.expr, 0.0, tz or "", fn, args, kwargs, misfire, overlap, replace)
+
+    def every(
+        self,
+        interval: float,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        name: str,
+        misfire: str = "skip",
+        overlap: str = "skip",
+        replace: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        """Run ``fn(*args, **kwargs)`` every ``interval`` seconds from now; see :meth:`cron`."""
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < interval < float("inf"):
+            raise ValueError(f"every(): interval must be a positive number of seconds, not {interval!r}")
+        return self._schedule(name, "every", "", float(interval), "", fn, args, kwargs, misfire, overlap, replace)
+
+    def _schedule(
+        self, name: str, kind: str, expr: str, every: float, tz: str,
+        fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], misfire: str, overlap: str, replace: bool,
+    ) -> str:  # fmt: skip
+        if not isinstance(name, str) or not name:
+            raise TypeError("a schedule needs a name (a non-empty str)")
+        if misfire not in MISFIRE_POLICIES:
+            raise ValueError(f"misfire must be one of {', '.join(map(repr, MISFIRE_POLICIES))}, not {misfire!r}")
+        if overlap not in OVERLAP_POLICIES:
+            raise ValueError(f"overlap must be one of {', '.join(map(repr, OVERLAP_POLICIES))}, not {overlap!r}")
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        pool = self._pool
+        fn_bytes, flags = pool._encoder.function(fn)
+        args_bytes = pool._encoder.arguments(fn, args, kwargs, in_band=True)[0]  # each firing reuses them
+        now = time.time()
+        spec = ScheduleSet(name, kind, expr, every, now, tz, fn_bytes, flags, args_bytes, self._opts, self._opts.name or _label(fn), misfire, overlap, now)
+        pool._ask("schedule", spec, replace)
+        return name
+
     def then(self, prerequisite: JobFuture, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> JobFuture:
         """Run ``fn(prerequisite's result, *args, **kwargs)`` once ``prerequisite`` has succeeded.
 
@@ -370,6 +434,7 @@ class Pool(_Submitter, Executor):
         self._prefix = oob.pool_prefix(f"{id(self):x}")
         self._sup = Supervisor(self._config, self._prefix, _journal_config(journal))
         self._ids = itertools.count(self._sup.first_job_id)
+        self._sup.new_id = self._ids.__next__  # (a schedule's firings are jobs too)
         self._keyed: weakref.WeakValueDictionary[Key, JobFuture] = weakref.WeakValueDictionary()
         rec = self._sup.rec
         self._always = rec is not None and rec.always
@@ -539,6 +604,26 @@ class Pool(_Submitter, Executor):
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
         return bool(self._ask("reprioritize", _job_id(job), priority))
 
+    def schedules(self) -> list[dict[str, Any]]:
+        """The pool's schedules: name, schedule, policies, paused, last and next fire times, runs."""
+        return list(self._ask("schedules"))
+
+    def pause(self, name: str) -> bool:
+        """Stop firing a schedule (its running job is left alone); False if there is none by that name."""
+        return bool(self._ask("pause", name, True))
+
+    def resume(self, name: str) -> bool:
+        """Fire a paused schedule again, from now on (the paused time is not owed)."""
+        return bool(self._ask("pause", name, False))
+
+    def trigger(self, name: str) -> bool:
+        """Fire a schedule now, once (its overlap policy applies), besides its regular times."""
+        return bool(self._ask("trigger", name))
+
+    def unschedule(self, name: str) -> bool:
+        """Remove a schedule; False if there is none by that name."""
+        return bool(self._ask("unschedule", name))
+
     def _ask(self, what: str, *args: Any) -> Any:
         """A request the loop answers (it owns the jobs); waits for the answer."""
         if threading.current_thread() is self._sup.thread:
@@ -550,6 +635,8 @@ class Pool(_Submitter, Executor):
         while not done.wait(0.5):
             if self._sup.ended:
                 raise PoolError(f"the pool stopped before it could {what}")
+        if isinstance(answer[0], Exception):
+            raise answer[0]
         return answer[0]
 
     @property

@@ -45,6 +45,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -56,9 +57,11 @@ from .heap import ReadyQueue
 from .ipc import frames, oob
 from .ipc.doorbell import Doorbell
 from .jobs import Job, Stats, resolve, then_arguments
+from .journal import records as r
 from .log import get_logger
 from .model import CANCELLED, CRASHED, FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, JournalConfig, PoolConfig
 from .recorder import Recorder
+from .schedules import Schedules
 from .workers import LocalBackend, Lost, Result, Returned, Started
 
 log = get_logger("procsched.supervisor")
@@ -66,7 +69,7 @@ log = get_logger("procsched.supervisor")
 WAITING = "waiting"  # for prerequisites (the supervisor's own state: the journal keeps it queued)
 #: how many finished jobs' outcomes are remembered for prerequisites given by id
 _OUTCOMES_KEPT = 100_000
-_TIMEOUT, _RETRY, _DUE = 0, 1, 2  # timer kinds: a run's deadline, a retry's backoff, a delayed job's time
+_TIMEOUT, _RETRY, _DUE, _CRON = 0, 1, 2, 3  # timer kinds: a run's deadline, a retry's backoff, a delayed job's time
 # Longest sleep without a timer. Wakeups are event-driven; this only bounds
 # what a wakeup lost to an exception inside post() (Ctrl-C) or a weaker
 # memory order than the ring protocol assumes could cost.
@@ -107,6 +110,25 @@ class Supervisor:
         self._timer_seq = itertools.count()
         self._rng = random.Random()
         self.thread = threading.Thread(target=self._main, name="procsched-supervisor", daemon=True)
+        self.new_id: Callable[[], int] = itertools.count(1).__next__  # the pool's, once it has one
+        self.schedules = Schedules(
+            self._schedule_job,
+            lambda job: self._admit(job, time.monotonic()),
+            lambda job_id: self._cancel(job_id, True, time.monotonic()),
+            self.jobs.__contains__,
+            lambda delay, handle: self._timer(time.monotonic() + delay, _CRON, handle),
+            None if self.rec is None else self.rec.journal.append,
+        )
+        # requests a caller waits on: ("name", *args, answer list, done event)
+        self._asks: dict[str, Callable[..., Any]] = {
+            "cancel": lambda job_id, kill: self._cancel(job_id, kill, time.monotonic()),
+            "reprioritize": lambda job_id, priority: self._reprioritize(job_id, priority, time.monotonic()),
+            "schedule": lambda spec, replace: self.schedules.add(spec, time.time(), replace),
+            "unschedule": self.schedules.remove,
+            "pause": lambda name, paused: self.schedules.pause(name, paused, time.time()),
+            "trigger": self.schedules.trigger,
+            "schedules": self.schedules.snapshot,
+        }
         # Under fsync="always" futures settle once their records are durable.
         self._hold = self.rec.hold if self.rec is not None and self.rec.always else None
         #: futures of the jobs a journal brought back, by job id
@@ -246,12 +268,12 @@ class Supervisor:
                     self._admit(job, now)
                 assert self._hold is not None
                 self._hold(("ack", msg[2]))
-            elif msg[0] == "cancel":
-                msg[3].append(self._cancel(msg[1], msg[2], now))
-                msg[4].set()
-            elif msg[0] == "reprioritize":
-                msg[3].append(self._reprioritize(msg[1], msg[2], now))
-                msg[4].set()
+            elif msg[0] in self._asks:  # (what, *args, answer, done): a caller waits for the answer
+                try:
+                    msg[-2].append(self._asks[msg[0]](*msg[1:-2]))
+                except Exception as e:  # a bad request: the caller raises it
+                    msg[-2].append(e)
+                msg[-1].set()
             elif msg[0] == "compact":
                 assert self.rec is not None
                 self.rec.journal.compact()
@@ -399,6 +421,7 @@ class Supervisor:
 
     def _shutdown(self, cancel_futures: bool, kill: bool) -> None:
         self.closing = True
+        self.schedules.stopped = True
         self.killing = self.killing or kill  # (before cancelling: terminate() cancels nothing in the journal)
         if cancel_futures or kill:
             for job in list(self.jobs.values()):
@@ -631,9 +654,17 @@ class Supervisor:
                 return True
         return False
 
+    def _schedule_job(self, spec: r.ScheduleSet) -> Job:
+        """A firing of a schedule: an ordinary job with the schedule's call and options."""
+        fut = JobFuture()
+        fut.job_id = self.new_id()
+        return Job(fut.job_id, fut, spec.label, spec.fn, spec.flags, spec.args, b"", spec.options)
+
     def _restore(self, now: float) -> None:
-        """Queue what the journal had not finished (before the loop starts)."""
+        """Queue what the journal had not finished (before the loop starts); its schedules run again."""
         assert self.rec is not None
+        for spec in self.rec.journal.state.schedules.values():
+            self.schedules.add(spec, time.time(), replace=True, record=False)
         for job, retry_in in self.rec.restore(self.prefix):
             job.queued_at = now
             self.jobs[job.id] = job
@@ -665,6 +696,8 @@ class Supervisor:
                 self.backend.kill(ref, "timeout", now)
                 self._end_run(job)
                 self._failed(job, policy.TIMEOUT, JobTimeout(job.opts.timeout, f"{job.label}#{job.id}"), (), now)
+            elif kind == _CRON:
+                self.schedules.due(ref, time.time())
             else:
                 job = self.jobs.get(ref)
                 if job is not None and job.state == PENDING:

@@ -171,7 +171,42 @@ class Images(Record, tag=13):
     images: list[Image]
 
 
-AnyRecord = Union[Meta, Fn, Opts, Submitted, Dispatched, Checkpoint, Succeeded, Failed, DeadLettered, Cancelled, Requeued, Dropped, Image, Images, Changed]
+class ScheduleSet(Record, tag=15):
+    """A recurring schedule, whole (added, or as compaction writes it)."""
+
+    name: str
+    kind: str  # "cron" or "every"
+    expr: str
+    every: float
+    anchor: float
+    tz: str
+    fn: bytes
+    flags: int
+    args: bytes
+    options: JobOptions
+    label: str
+    misfire: str
+    overlap: str
+    last: float  # wall clock: fire times up to here are decided
+    paused: bool = False
+
+
+class ScheduleFired(Record, tag=16):
+    name: str
+    last: float
+
+
+class SchedulePaused(Record, tag=17):
+    name: str
+    paused: bool
+    last: float
+
+
+class Unscheduled(Record, tag=18):
+    name: str
+
+
+AnyRecord = Union[Meta, Fn, Opts, Submitted, Dispatched, Checkpoint, Succeeded, Failed, DeadLettered, Cancelled, Requeued, Dropped, Image, Images, Changed, ScheduleSet, ScheduleFired, SchedulePaused, Unscheduled]
 
 _encoder = msgspec.msgpack.Encoder()
 decoder = msgspec.msgpack.Decoder(AnyRecord)

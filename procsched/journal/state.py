@@ -57,6 +57,7 @@ class JournalState:
         #: finished jobs, oldest first (the order retention drops them in)
         self.finished: dict[int, None] = {}
         self.next_job = 1
+        self.schedules: dict[str, r.ScheduleSet] = {}
         self._apply: dict[type, Callable[[Any], None]] = {
             r.Meta: self._meta,
             r.Fn: self._fn,
@@ -73,6 +74,10 @@ class JournalState:
             r.Image: self._image,
             r.Images: self._images,
             r.Changed: self._changed,
+            r.ScheduleSet: self._schedule_set,
+            r.ScheduleFired: self._schedule_fired,
+            r.SchedulePaused: self._schedule_paused,
+            r.Unscheduled: self._unscheduled,
         }
 
     def apply(self, rec: r.Record) -> None:
@@ -114,6 +119,19 @@ class JournalState:
             self.keys[rec.key] = job
         if job >= self.next_job:
             self.next_job = job + 1
+
+    def _schedule_set(self, rec: r.ScheduleSet) -> None:
+        self.schedules[rec.name] = msgspec.structs.replace(rec)
+
+    def _schedule_fired(self, rec: r.ScheduleFired) -> None:
+        self.schedules[rec.name].last = rec.last
+
+    def _schedule_paused(self, rec: r.SchedulePaused) -> None:
+        s = self.schedules[rec.name]
+        s.paused, s.last = rec.paused, rec.last
+
+    def _unscheduled(self, rec: r.Unscheduled) -> None:
+        self.schedules.pop(rec.name, None)
 
     def _changed(self, rec: r.Changed) -> None:
         self.jobs[rec.job].opts = rec.opts
@@ -230,7 +248,7 @@ class JournalState:
         live_opts = {e.opts for e in self.jobs.values()}
         self.fns = {i: data for i, data in self.fns.items() if i in live_fns}
         self.options = {i: o for i, o in self.options.items() if i in live_opts}
-        out: list[r.Record] = [r.Meta(self.next_job)]
+        out: list[r.Record] = [r.Meta(self.next_job), *self.schedules.values()]
         out += [r.Fn(i, data) for i, data in self.fns.items()]
         out += [r.Opts(i, o) for i, o in self.options.items()]
         finished = [self.jobs[j] for j in self.finished]
@@ -260,6 +278,7 @@ class JournalState:
             "fns": dict(self.fns),
             "options": dict(self.options),
             "next_job": self.next_job,
+            "schedules": {n: msgspec.structs.astuple(s) for n, s in self.schedules.items()},
         }
 
     def summary(self) -> dict[str, Any]:
