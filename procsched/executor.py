@@ -604,6 +604,25 @@ class Pool(_Submitter, Executor):
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
         return bool(self._ask("reprioritize", _job_id(job), priority))
 
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """Jobs out of attempts after a crash or a timeout: each with its failure history."""
+        return list(self._ask("dead_letters"))
+
+    def resubmit(self, job: JobFuture | int, **options: Any) -> JobFuture:
+        """Run a dead letter again as a new job, with its options changed by ``options``; it
+        leaves the dead letters. ``KeyError`` if there is no dead letter for ``job``."""
+        fut = self._ask("resubmit", _job_id(job), options)
+        assert isinstance(fut, JobFuture)
+        return fut
+
+    def purge(self, job: JobFuture | int | None = None) -> int:
+        """Forget a dead letter (or, with no argument, all of them); how many were forgotten."""
+        return int(self._ask("purge", None if job is None else _job_id(job)))
+
+    def jobs(self, state: str | None = None, tag: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
+        """The jobs the pool holds (queued, pending, waiting, running) and its dead letters, filtered."""
+        return list(self._ask("list_jobs", state, tag, name))
+
     def schedules(self) -> list[dict[str, Any]]:
         """The pool's schedules: name, schedule, policies, paused, last and next fire times, runs."""
         return list(self._ask("schedules"))

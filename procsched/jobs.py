@@ -19,7 +19,7 @@ class Job:
     """The supervisor's record of one job (what ``submit`` made, plus its life so far)."""
 
     __slots__ = ("id", "future", "label", "fn", "flags", "args", "oob", "opts", "attempt", "state", "resume", "queued_at", "run", "dispatched", "key", "followers", "not_before", "cancelling",
-                 "deps", "dep_futures", "dep_policy", "waiting", "dependents")  # fmt: skip
+                 "deps", "dep_futures", "dep_policy", "waiting", "dependents", "history")  # fmt: skip
 
     def __init__(self, id: int, future: JobFuture, label: str, fn: bytes, flags: int, args: bytes, oob: bytes, opts: JobOptions, key: Key | None = None) -> None:
         self.id = id
@@ -50,6 +50,8 @@ class Job:
         self.dep_policy = "cancel"
         self.waiting = 0  # prerequisites not yet finished
         self.dependents: list[int] | None = None  # jobs waiting for this one
+        #: (attempt, kind, message, wall time) of each failed attempt, once one has failed
+        self.history: list[tuple[int, str, str, float]] | None = None
 
     def release_args(self) -> None:
         """Unlink the job's argument segment: it has ended, or it never reached the loop."""

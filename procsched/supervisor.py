@@ -59,7 +59,8 @@ from .ipc.doorbell import Doorbell
 from .jobs import Job, Stats, resolve, then_arguments
 from .journal import records as r
 from .log import get_logger
-from .model import CANCELLED, CRASHED, FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, JournalConfig, PoolConfig
+from .model import CANCELLED, CRASHED, FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, JournalConfig, PoolConfig, make_options
+from .ledger import DeadLetter, DeadLetters, Timings
 from .recorder import Recorder
 from .schedules import Schedules
 from .workers import LocalBackend, Lost, Result, Returned, Started
@@ -111,6 +112,8 @@ class Supervisor:
         self._rng = random.Random()
         self.thread = threading.Thread(target=self._main, name="procsched-supervisor", daemon=True)
         self.new_id: Callable[[], int] = itertools.count(1).__next__  # the pool's, once it has one
+        self.dead = DeadLetters()
+        self.timings = Timings()
         self.schedules = Schedules(
             self._schedule_job,
             lambda job: self._admit(job, time.monotonic()),
@@ -128,6 +131,10 @@ class Supervisor:
             "pause": lambda name, paused: self.schedules.pause(name, paused, time.time()),
             "trigger": self.schedules.trigger,
             "schedules": self.schedules.snapshot,
+            "resubmit": self._resubmit,
+            "purge": self._purge,
+            "dead_letters": self.dead.listing,
+            "list_jobs": self._jobs,
         }
         # Under fsync="always" futures settle once their records are durable.
         self._hold = self.rec.hold if self.rec is not None and self.rec.always else None
@@ -455,6 +462,7 @@ class Supervisor:
         job.run = rid
         job.state = RUNNING
         self.runs[rid] = job
+        self.timings.waits.append(time.monotonic() - job.queued_at)
         flags = job.flags | (frames.F_CHECKPOINT_LIVE if job.opts.preempt == "kill" else 0)
         return frames.Dispatch(rid, job.attempt, flags, job.fn, job.args, job.resume, job.oob)
 
@@ -542,6 +550,7 @@ class Supervisor:
                     self.rec.checkpoint(job, ev.payload)
                 return
             self._end_run(job)
+            self.timings.runs.append(ev.run_us / 1e6)
             if status == frames.OK:
                 if self.rec is not None:
                     self.rec.succeeded(job, ev.payload, ev.buffers)
@@ -593,6 +602,9 @@ class Supervisor:
         self.queue.push(job.id, job.opts.priority, job.opts.hot, job.queued_at, front=True)
 
     def _failed(self, job: Job, kind: str, error: BaseException, types: Any, now: float) -> None:
+        if job.history is None:
+            job.history = []
+        job.history.append((job.attempt, kind, describe(error), time.time()))
         retry = job.opts.retries
         if policy.should_retry(retry, job.attempt, kind, types):
             delay = policy.backoff(retry, job.attempt, self._rng.random())
@@ -608,6 +620,8 @@ class Supervisor:
             log.warning("job_crashed", job=job.id, name=job.label, attempt=job.attempt, error=str(error))
         if self.rec is not None:
             self.rec.failed(job, kind, error, None)
+        if kind != policy.ERROR:  # out of attempts after a crash or a timeout: kept to inspect and resubmit
+            self.dead.add(self._dead_letter(job, CRASHED if kind == policy.CRASH else TIMED_OUT))
         self._settle(job, None, error)
         self._finish(job, {policy.ERROR: FAILED, policy.CRASH: CRASHED, policy.TIMEOUT: TIMED_OUT}[kind])
 
@@ -615,6 +629,7 @@ class Supervisor:
         job.state = state
         del self.jobs[job.id]
         job.release_args()
+        self.timings.finishes.append(time.monotonic())
         outcomes = self.outcomes
         outcomes[job.id] = state == SUCCEEDED
         if len(outcomes) >= _OUTCOMES_KEPT:  # two generations: between half and all of them are kept
@@ -654,6 +669,45 @@ class Supervisor:
                 return True
         return False
 
+    # -- dead letters and introspection -------------------------------------------
+    def _dead_letter(self, job: Job, state: str) -> DeadLetter:
+        buffers = [bytes(b) for b in oob.read(job.oob, False)] if job.oob else []
+        return DeadLetter(job.id, job.label, job.key, job.fn, job.flags, job.args, buffers, job.opts, state, list(job.history or ()), time.time())
+
+    def _resubmit(self, job_id: int, changes: dict[str, Any]) -> JobFuture:
+        """A dead letter as a new job (with changed options); it leaves the dead letters."""
+        letter = self.dead.by_job.get(job_id)
+        if letter is None:
+            raise KeyError(f"no dead letter for job {job_id}")
+        opts = make_options(letter.opts, changes)
+        self.dead.take(job_id)
+        if self.rec is not None:
+            self.rec.journal.drop([job_id], "resubmitted")
+        fut = JobFuture()
+        fut.job_id = self.new_id()
+        desc = oob.write(f"{self.prefix}d{fut.job_id}", letter.buffers) if letter.buffers else b""
+        self._admit(Job(fut.job_id, fut, opts.name or letter.label, letter.fn, letter.flags, letter.args, desc, opts, letter.key), time.monotonic())
+        return fut
+
+    def _purge(self, job_id: int | None) -> int:
+        gone = self.dead.purge(job_id)
+        if gone and self.rec is not None:
+            self.rec.journal.drop(gone, "purged")
+        return len(gone)
+
+    def _jobs(self, state: str | None, tag: str | None, name: str | None) -> list[dict[str, Any]]:
+        out = []
+        for job in self.jobs.values():
+            if (state is None or job.state == state) and (tag is None or tag in job.opts.tags) and (name is None or job.label == name):
+                out.append({
+                    "job": job.id, "name": job.label, "state": job.state, "attempt": job.attempt, "priority": job.opts.priority,
+                    "hot": job.opts.hot, "tags": list(job.opts.tags), "key": job.key, "waiting_for": job.waiting or None,
+                })  # fmt: skip
+        for letter in self.dead.by_job.values():
+            if (state in (None, "dead", letter.state)) and (tag is None or tag in letter.opts.tags) and (name is None or letter.label == name):
+                out.append({**letter.describe(), "dead_letter": True})
+        return out
+
     def _schedule_job(self, spec: r.ScheduleSet) -> Job:
         """A firing of a schedule: an ordinary job with the schedule's call and options."""
         fut = JobFuture()
@@ -663,8 +717,12 @@ class Supervisor:
     def _restore(self, now: float) -> None:
         """Queue what the journal had not finished (before the loop starts); its schedules run again."""
         assert self.rec is not None
-        for spec in self.rec.journal.state.schedules.values():
+        state = self.rec.journal.state
+        for spec in state.schedules.values():
             self.schedules.add(spec, time.time(), replace=True, record=False)
+        for e in state.jobs.values():
+            if e.dead:
+                self.dead.add(DeadLetter(e.job, e.label, e.key, state.fns[e.fn], e.flags, e.args, list(e.buffers), state.options[e.opts], e.state, list(e.history), e.finished_at))
         for job, retry_in in self.rec.restore(self.prefix):
             job.queued_at = now
             self.jobs[job.id] = job
@@ -710,7 +768,14 @@ class Supervisor:
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.stats.as_dict())
         out["queued"] = len(self.queue)
+        out["queued_hot"], out["queued_cold"] = self.queue.hot, self.queue.cold
         out["jobs"] = len(self.jobs)
+        by_state: dict[str, int] = {}
+        for job in list(self.jobs.values()):
+            by_state[job.state] = by_state.get(job.state, 0) + 1
+        out["by_state"] = by_state
+        out["dead_letters"] = len(self.dead.by_job)
+        out.update(self.timings.summary(time.monotonic()))
         out.update(self.backend.stats())
         return out
 

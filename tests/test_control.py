@@ -192,3 +192,63 @@ def test_reprioritize_a_queued_job(tmp_path: Path) -> None:
     assert _lines(tmp_path / "log") == ["second", "first"]
     state = Journal(JournalConfig(path=str(path)), readonly=True).state
     assert state.options[state.jobs[second.job_id].opts].priority == 10
+
+
+# -- dead letters and introspection ----------------------------------------------
+
+
+def crash() -> None:
+    os._exit(3)
+
+
+@pytest.mark.timeout(60)
+def test_dead_letters_keep_their_history_and_can_run_again(tmp_path: Path) -> None:
+    path, gate = tmp_path / "j", tmp_path / "gate"
+    gate.mkdir()
+    with procsched.Pool(1, journal=str(path)) as pool:
+        doomed = pool.options(retries=1, name="crashy").submit(crash)
+        with pytest.raises(procsched.WorkerCrashed):
+            doomed.result(timeout=RESULT)
+        failed = pool.submit(fail_then, str(tmp_path / "n"))  # an exception is not a dead letter
+        with pytest.raises(RuntimeError):
+            failed.result(timeout=RESULT)
+        (letter,) = pool.dead_letters()
+        assert letter["job"] == doomed.job_id and letter["state"] == "crashed" and letter["attempts"] == 2
+        assert [h[:2] for h in letter["history"]] == [[1, "crash"], [2, "crash"]]
+    with procsched.Pool(1, journal=str(path)) as pool:  # they survive a restart
+        (letter,) = pool.dead_letters()
+        assert letter["job"] == doomed.job_id and len(letter["history"]) == 2
+        with pytest.raises(KeyError):
+            pool.resubmit(failed)
+        again = pool.resubmit(doomed, name="gated-now")
+        assert pool.dead_letters() == [], "a resubmitted letter leaves the list"
+        with pytest.raises(procsched.WorkerCrashed):
+            again.result(timeout=RESULT)
+        assert [d["name"] for d in pool.dead_letters()] == ["gated-now"]
+        assert pool.purge() == 1 and pool.dead_letters() == []
+    with procsched.Pool(1, journal=str(path)) as pool:
+        assert pool.dead_letters() == [], "a purge is journaled"
+
+
+@pytest.mark.timeout(60)
+def test_jobs_and_stats_show_what_the_pool_holds(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    with procsched.Pool(1) as pool:
+        running = pool.options(tags=["etl"], name="blocker").submit(gated, str(gate), 1)
+        await_file(gate / "started", RESULT)
+        queued = [pool.options(tags=["etl"]).submit(square, i) for i in range(3)]
+        hot = pool.options(hot=True, preempt="cooperative").submit(square, 9)
+        waiting = pool.options(depends_on=[queued[0]]).submit(square, 2)
+        listed = {j["job"]: j for j in pool.jobs()}
+        assert listed[running.job_id]["state"] == "running" and listed[waiting.job_id]["state"] == "waiting"
+        assert {j["job"] for j in pool.jobs(tag="etl")} == {running.job_id, *(f.job_id for f in queued)}
+        assert [j["job"] for j in pool.jobs(name="blocker")] == [running.job_id]
+        stats = pool.stats()
+        assert stats["queued_hot"] == 1 and stats["queued_cold"] == 3 and stats["by_state"]["waiting"] == 1
+        (gate / "go").touch()
+        for f in [running, *queued, hot, waiting]:
+            f.result(timeout=RESULT)
+        stats = pool.stats()
+        assert stats["run_s"]["p50"] >= 0 and stats["wait_s"]["p99"] >= stats["wait_s"]["p50"]
+        assert stats["throughput_per_s"] > 0 and stats["by_state"] == {}

@@ -163,6 +163,7 @@ class Image(_Job, tag=12):
     dead: bool = False
     deps: list[int] = []
     dep_policy: str = "cancel"
+    history: list[tuple[int, str, str, float]] = []  # (attempt, kind, message, at) of each failure
 
 
 class Images(Record, tag=13):

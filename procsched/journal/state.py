@@ -165,6 +165,7 @@ class JournalState:
     def _failed(self, rec: r.Failed) -> None:
         e = self.jobs[rec.job]
         e.error, e.message = rec.error, rec.message
+        e.history.append((rec.attempt, rec.kind, rec.message, rec.at))
         if rec.retry_at:
             e.state = PENDING
             e.attempt = rec.attempt + 1
