@@ -66,6 +66,13 @@ j1 journal    no-op submits without a journal and with fsync="interval"
 j2 replay     opening a journal of 1,000,000 records (s; target <= 3) and
               reopening it after compaction (s; target <= 0.5).
 
+Scheduling rows (procsched alone):
+
+s1 timers     1,000 jobs delayed by 0.05-1 s at random: how late each starts
+              (ms, its wall-clock start in the worker minus its due time).
+s2 graphs     10,000 no-op jobs each depending on the one before, and 10,000
+              fanning into one job: jobs/s.
+
 Reading the table: each cell is the median, followed for every peer but
 ProcessPoolExecutor by ``xR``, its ratio to ProcessPoolExecutor, oriented
 so that R > 1 always means better than ProcessPoolExecutor (rate / PPE rate
@@ -104,10 +111,10 @@ RESULT_TAG = "@@bench-result "
 FULL = dict(
     n_submit=20_000, n_map=20_000, chunk=256, n_cpu=2_000, lat_rounds=2_000, lat_warmup=200,
     array_mib=64, array_rounds=5, hang_after=3.0, timeout_s=0.2, sleep_s=10.0,
-    floor_rounds=5_000, replay_records=1_000_000, limit=120.0,
+    floor_rounds=5_000, replay_records=1_000_000, n_timers=1_000, n_chain=10_000, limit=120.0,
 )
 QUICK = dict(FULL, n_submit=2_000, n_map=5_000, n_cpu=200, lat_rounds=300, lat_warmup=50,
-             array_rounds=2, floor_rounds=1_000, replay_records=100_000, limit=60.0)
+             array_rounds=2, floor_rounds=1_000, replay_records=100_000, n_timers=200, n_chain=1_000, limit=60.0)
 
 
 # -- jobs: module level in benchjobs.py, so every peer pickles them by reference -----
@@ -474,6 +481,49 @@ def journal_replay(cfg: SimpleNamespace) -> dict[str, Any]:
     return {"replay": replay, "reopen": reopen}
 
 
+# -- scheduling rows: procsched alone ----------------------------------------------------
+
+SCHEDULING = "scheduling (procsched only):"
+
+
+def sched_timers(cfg: SimpleNamespace) -> dict[str, Any]:
+    """Lateness of delayed jobs: start (wall clock, in the worker) minus the time they were due."""
+    import random
+
+    import procsched
+    from benchjobs import wall_clock
+
+    rng = random.Random(7)
+    with procsched.Pool(cfg.workers) as pool:
+        list(pool.map(noop, range(200)))
+        jobs = []
+        for _ in range(cfg.n_timers):
+            delay = rng.uniform(0.05, 1.0)
+            jobs.append((time.time() + delay, pool.options(delay=delay).submit(wall_clock)))
+        late = [f.result() - due for due, f in jobs]
+    p50, p99 = percentiles_us(late, 50, 99)
+    return {"p50": p50 / 1000, "p99": p99 / 1000}
+
+
+def sched_graphs(cfg: SimpleNamespace) -> dict[str, Any]:
+    """A chain of jobs, each waiting for the one before, and a wide fan-in: jobs/s."""
+    import procsched
+
+    with procsched.Pool(cfg.workers) as pool:
+        list(pool.map(noop, range(200)))
+        t = now()
+        prev = pool.submit(noop, 0)
+        for i in range(cfg.n_chain - 1):
+            prev = pool.options(depends_on=[prev]).submit(noop, i)
+        prev.result()
+        chain = cfg.n_chain / (now() - t)
+        t = now()
+        parts = [pool.submit(noop, i) for i in range(cfg.n_chain)]
+        pool.options(depends_on=parts).submit(noop, 0).result()
+        fan_in = (cfg.n_chain + 1) / (now() - t)
+    return {"chain": chain, "fan_in": fan_in}
+
+
 # -- floor rows: no pool, just the OS and pickling ---------------------------------------
 
 def _echo(conn: Any) -> None:
@@ -582,6 +632,12 @@ ROWS: dict[str, Row] = {r.id: r for r in (
         Metric("always", "keyed map, fsync=always", "jobs/s", HIGHER),
         Metric("fsync", "fsync of this disk, p50", "µs", LOWER),
         Metric("bytes", "journal bytes per no-op job", "bytes", LOWER)), floor=True, heading=JOURNAL),
+    Row("s1", sched_timers, (
+        Metric("p50", "delayed job lateness p50", "ms", LOWER),
+        Metric("p99", "delayed job lateness p99", "ms", LOWER)), floor=True, heading=SCHEDULING),
+    Row("s2", sched_graphs, (
+        Metric("chain", "10k-job dependency chain", "jobs/s", HIGHER),
+        Metric("fan_in", "10k jobs fanning into one", "jobs/s", HIGHER)), floor=True, heading=SCHEDULING),
     Row("j2", journal_replay, (
         Metric("replay", "replay of 1M records", "s", LOWER),
         Metric("reopen", "reopen after compaction", "s", LOWER)), floor=True, heading=JOURNAL),
