@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import await_file, wait_for
+from jobfns import gated, lines
 
 import procsched
 from procsched import JournalConfig
@@ -37,12 +38,6 @@ def stamp(log: str, name: str) -> float:
     return now
 
 
-def gated(gate: str, value: Any) -> Any:
-    Path(gate, "started").touch()
-    await_file(os.path.join(gate, "go"), JOB_WAIT)
-    return value
-
-
 def sleeper(gate: str) -> None:
     Path(gate, "started").touch()
     time.sleep(JOB_WAIT)
@@ -52,10 +47,6 @@ def fail_then(counter: str) -> int:
     n = int(Path(counter).read_text()) + 1 if Path(counter).exists() else 1
     Path(counter).write_text(str(n))
     raise RuntimeError(f"attempt {n}")
-
-
-def _lines(log: Path) -> list[str]:
-    return log.read_text().splitlines() if log.exists() else []
 
 
 # -- delayed jobs -------------------------------------------------------------------
@@ -74,7 +65,7 @@ def test_a_delayed_job_starts_no_sooner_than_asked(tmp_path: Path) -> None:
         assert later.result(timeout=RESULT) >= asked + 0.3
         assert by_time.result(timeout=RESULT) >= at.timestamp()
         assert now.result(timeout=RESULT) < later.result()
-    assert _lines(tmp_path / "log") == ["now", "at", "later"]
+    assert lines(tmp_path / "log") == ["now", "at", "later"]
 
 
 @pytest.mark.timeout(10)
@@ -169,7 +160,7 @@ def test_cancel_a_job_waiting_in_a_workers_prefetch(tmp_path: Path) -> None:
         assert behind[0].result(timeout=RESULT) and behind[2].result(timeout=RESULT)
         assert behind[1].cancelled()
         assert pool.stats()["restarts"] == 0
-    assert sorted(_lines(tmp_path / "log")) == ["b0", "b2"]
+    assert sorted(lines(tmp_path / "log")) == ["b0", "b2"]
 
 
 @pytest.mark.timeout(60)
@@ -189,7 +180,7 @@ def test_reprioritize_a_queued_job(tmp_path: Path) -> None:
         (gate / "go").touch()
         for f in (blocker, first, second):
             f.result(timeout=RESULT)
-    assert _lines(tmp_path / "log") == ["second", "first"]
+    assert lines(tmp_path / "log") == ["second", "first"]
     state = Journal(JournalConfig(path=str(path)), readonly=True).state
     assert state.options[state.jobs[second.job_id].opts].priority == 10
 

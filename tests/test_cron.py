@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
+from jobfns import lines
 
 import procsched
 from procsched import JournalConfig
@@ -36,27 +37,23 @@ def slow(log: str, seconds: float) -> None:
         f.write(f"end {os.getpid()}\n")
 
 
-def _lines(log: Path) -> list[str]:
-    return log.read_text().splitlines() if log.exists() else []
-
-
 @pytest.mark.timeout(60)
 def test_a_schedule_fires_pauses_resumes_triggers_and_goes(tmp_path: Path) -> None:
     log = tmp_path / "log"
     with procsched.Pool(2) as pool:
         assert pool.every(0.05, tick, str(log), "t", name="ticker") == "ticker"
-        wait_for(lambda: len(_lines(log)) >= 3, RESULT, "three firings")
+        wait_for(lambda: len(lines(log)) >= 3, RESULT, "three firings")
         (listed,) = pool.schedules()
         assert listed["name"] == "ticker" and listed["runs"] >= 3 and not listed["paused"]
         assert pool.pause("ticker")
         time.sleep(0.05)  # a firing already queued may still land
-        paused_at = len(_lines(log))
+        paused_at = len(lines(log))
         time.sleep(0.3)
-        assert len(_lines(log)) == paused_at, "a paused schedule does not fire"
+        assert len(lines(log)) == paused_at, "a paused schedule does not fire"
         assert pool.trigger("ticker")
-        wait_for(lambda: len(_lines(log)) == paused_at + 1, RESULT, "the triggered run")
+        wait_for(lambda: len(lines(log)) == paused_at + 1, RESULT, "the triggered run")
         assert pool.resume("ticker")
-        wait_for(lambda: len(_lines(log)) >= paused_at + 3, RESULT, "firings after resume")
+        wait_for(lambda: len(lines(log)) >= paused_at + 3, RESULT, "firings after resume")
         assert pool.unschedule("ticker") and not pool.unschedule("ticker")
         assert pool.schedules() == []
         assert not pool.pause("nothing") and not pool.trigger("nothing")
@@ -96,24 +93,24 @@ def test_overlap_policies_with_slow_runs(tmp_path: Path, overlap: str) -> None:
     period, run = {"replace": (0.6, 1.5), "queue": (0.25, 0.4)}.get(overlap, (0.1, 0.4))
     with procsched.Pool(2) as pool:
         pool.every(period, slow, str(log), run, name="s", overlap=overlap)
-        wait_for(lambda: sum(line.startswith("start") for line in _lines(log)) >= 3, RESULT, "three starts")
+        wait_for(lambda: sum(line.startswith("start") for line in lines(log)) >= 3, RESULT, "three starts")
         pool.unschedule("s")
         if overlap == "replace":  # each new run killed the one before it, so none of those ended
             wait_for(lambda: len(pool.schedules()) == 0, RESULT, "the removal")
-    lines = _lines(log)
-    starts, ends = [i for i, s in enumerate(lines) if s.startswith("start")], [i for i, s in enumerate(lines) if s.startswith("end")]
+    got = lines(log)
+    starts, ends = [i for i, s in enumerate(got) if s.startswith("start")], [i for i, s in enumerate(got) if s.startswith("end")]
     depth, most = 0, 0  # how many runs were going at once
-    for line in lines:
+    for line in got:
         depth += 1 if line.startswith("start") else -1
         most = max(most, depth)
     if overlap in ("skip", "queue"):
-        assert most == 1, lines  # never two at once
-        assert all(lines[i].startswith("start") == (k % 2 == 0) for k, i in enumerate(sorted(starts + ends))), lines
+        assert most == 1, got  # never two at once
+        assert all(got[i].startswith("start") == (k % 2 == 0) for k, i in enumerate(sorted(starts + ends))), got
     elif overlap == "allow":
-        assert most >= 2, lines  # both workers busy with runs of one schedule
+        assert most >= 2, got  # both workers busy with runs of one schedule
     else:
-        killed = {line.split()[1] for line in lines if line.startswith("start")} - {line.split()[1] for line in lines if line.startswith("end")}
-        assert killed, f"a replaced run is killed before its end: {lines}"
+        killed = {line.split()[1] for line in got if line.startswith("start")} - {line.split()[1] for line in got if line.startswith("end")}
+        assert killed, f"a replaced run is killed before its end: {got}"
 
 
 @pytest.mark.timeout(60)
@@ -121,15 +118,15 @@ def test_a_schedule_comes_back_after_a_restart_and_catches_up(tmp_path: Path) ->
     path, log = tmp_path / "j", tmp_path / "log"
     pool = procsched.Pool(1, journal=str(path))
     pool.every(0.2, tick, str(log), "t", name="ticker", misfire="run_once")
-    wait_for(lambda: len(_lines(log)) >= 1, RESULT, "a first run")
+    wait_for(lambda: len(lines(log)) >= 1, RESULT, "a first run")
     pool.terminate()
     state = Journal(JournalConfig(path=str(path)), readonly=True).state
     assert list(state.schedules) == ["ticker"] and state.schedules["ticker"].last > 0
-    stopped = len(_lines(log))
+    stopped = len(lines(log))
     time.sleep(0.7)  # downtime: about three fire times are missed
     with procsched.Pool(1, journal=str(path)) as again:
         (listed,) = again.schedules()
         assert listed["name"] == "ticker" and listed["misfire"] == "run_once"
-        wait_for(lambda: len(_lines(log)) >= stopped + 1, RESULT, "the catch-up run")
+        wait_for(lambda: len(lines(log)) >= stopped + 1, RESULT, "the catch-up run")
         again.unschedule("ticker")
     assert "ticker" not in Journal(JournalConfig(path=str(path)), readonly=True).state.schedules

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 from conftest import await_file
+from jobfns import gated, lines
 
 import procsched
 from procsched import JournalConfig
 from procsched.journal import Journal
 
 RESULT = 20.0
-JOB_WAIT = 30.0
 
 
 def add(a: int, b: int = 0) -> int:
@@ -27,18 +27,8 @@ def stamp(log: str, name: str) -> str:
     return name
 
 
-def gated(gate: str, value: Any) -> Any:
-    Path(gate, "started").touch()
-    await_file(os.path.join(gate, "go"), JOB_WAIT)
-    return value
-
-
 def boom(message: str) -> None:
     raise ValueError(message)
-
-
-def _lines(log: Path) -> list[str]:
-    return log.read_text().splitlines() if log.exists() else []
 
 
 @pytest.mark.timeout(60)
@@ -53,7 +43,7 @@ def test_a_chain_runs_in_order_and_then_passes_results(tmp_path: Path) -> None:
         for i in range(20):  # a continuation chain: each step gets the previous result
             total = pool.then(total, add, i)
         assert total.result(timeout=RESULT) == 1 + sum(range(20))
-    assert _lines(tmp_path / "log") == ["a", "b", "c"]
+    assert lines(tmp_path / "log") == ["a", "b", "c"]
 
 
 @pytest.mark.timeout(60)
@@ -115,8 +105,8 @@ def test_one_worker_runs_independent_equal_jobs_in_submission_order(tmp_path: Pa
         waits = pool.options(depends_on=[first]).submit(stamp, log, "after-x")
         for f in [*jobs, waits]:
             f.result(timeout=RESULT)
-    lines = _lines(tmp_path / "log")
-    assert lines[:31] == ["x", *map(str, range(30))]
+    got = lines(tmp_path / "log")
+    assert got[:31] == ["x", *map(str, range(30))]
 
 
 @pytest.mark.timeout(60)

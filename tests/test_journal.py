@@ -33,6 +33,7 @@ from typing import Any
 import msgspec
 import pytest
 from conftest import await_file, wait_for
+from jobfns import gated
 
 import procsched
 from procsched import JournalConfig
@@ -52,13 +53,6 @@ ENV = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPAT
 
 def square(x: int) -> int:
     return x * x
-
-
-def gated(gate: str, value: Any) -> Any:
-    """Say it runs (``gate/started``), then wait for ``gate/go``."""
-    Path(gate, "started").touch()
-    await_file(os.path.join(gate, "go"), JOB_WAIT)
-    return value
 
 
 def always_fails(message: str) -> None:

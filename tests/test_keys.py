@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import await_file, wait_for
+from jobfns import gated
 
 import procsched
 from procsched import JournalConfig
@@ -29,7 +30,6 @@ from procsched.journal.store import list_segments
 from procsched.model import JobOptions
 
 RESULT = 20.0
-JOB_WAIT = 30.0
 REPO = str(Path(procsched.__file__).resolve().parents[1])
 
 
@@ -41,12 +41,6 @@ def counted(log: str, value: Any) -> Any:
     """Append a line per run, so a test can count runs."""
     with open(log, "a") as f:
         f.write(f"{value!r}\n")
-    return value
-
-
-def gated(gate: str, value: Any) -> Any:
-    Path(gate, "started").touch()
-    await_file(os.path.join(gate, "go"), JOB_WAIT)
     return value
 
 
