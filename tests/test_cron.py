@@ -130,3 +130,30 @@ def test_a_schedule_comes_back_after_a_restart_and_catches_up(tmp_path: Path) ->
         wait_for(lambda: len(lines(log)) >= stopped + 1, RESULT, "the catch-up run")
         again.unschedule("ticker")
     assert "ticker" not in Journal(JournalConfig(path=str(path)), readonly=True).state.schedules
+
+
+@pytest.mark.timeout(60)
+def test_catch_up_after_downtime_runs_every_missed_time(tmp_path: Path) -> None:
+    """misfire="catch_up": a pool reopened after a stop runs each fire time it missed (and skip runs none).
+
+    (With overlap="skip", the catch-up runs that come while the one before still runs would be skipped.)
+    """
+    path, log, skipped = tmp_path / "j", tmp_path / "log", tmp_path / "skipped"
+    pool = procsched.Pool(1, journal=str(path))
+    pool.every(0.25, tick, str(log), "c", name="owed", misfire="catch_up", overlap="allow")
+    pool.every(0.25, tick, str(skipped), "s", name="skipped", misfire="skip")
+    wait_for(lambda: lines(log) and lines(skipped), RESULT, "first runs")
+    pool.terminate()
+    state = Journal(JournalConfig(path=str(path)), readonly=True).state
+    down_from = max(state.schedules["owed"].last, state.schedules["skipped"].last)
+    before, skipped_before = len(lines(log)), len(lines(skipped))
+    time.sleep(1.6)  # about six fire times missed
+    with procsched.Pool(1, journal=str(path)) as again:
+        missed = int((time.time() - down_from) / 0.25) - 1  # whole periods passed while down, at least
+        wait_for(lambda: len(lines(log)) >= before + missed, RESULT, f"{missed} catch-up runs")
+        caught_up = len(lines(log)) - before
+        ran_skipped = len(lines(skipped)) - skipped_before
+        again.unschedule("owed")
+        again.unschedule("skipped")
+    assert caught_up >= missed >= 4
+    assert ran_skipped <= caught_up - missed + 2, "skip owes nothing for the downtime"
