@@ -33,6 +33,10 @@ outcome, and the end of every turn commits them with one write. A pool
 opened on a journal starts with the jobs it had not finished
 (``_restore``).
 
+The dependency graph and the requests callers make of a running pool
+(cancel, reprioritize, dead letters, listing) are in ``requests.py``, the
+same object's other half; recurring schedules in ``schedules.py``.
+
 It never unpickles anything (futures decode on the caller's side) and never
 imports cloudpickle.
 """
@@ -48,26 +52,24 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
-
 from . import policy
 from .errors import JobTimeout, PoolError, WorkerCrashed
 from .futures import Encoded, EncodedError, JobFuture, describe
 from .heap import ReadyQueue
 from .ipc import frames, oob
 from .ipc.doorbell import Doorbell
-from .jobs import Job, Stats, resolve, then_arguments
+from .jobs import Job, Stats, resolve
 from .journal import records as r
 from .log import get_logger
-from .model import CANCELLED, CRASHED, FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, JournalConfig, PoolConfig, make_options
+from .model import CANCELLED, CRASHED, FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, JournalConfig, PoolConfig
 from .ledger import DeadLetter, DeadLetters, Timings
 from .recorder import Recorder
+from .requests import WAITING, Requests
 from .schedules import Schedules
 from .workers import LocalBackend, Lost, Result, Returned, Started
 
 log = get_logger("procsched.supervisor")
 
-WAITING = "waiting"  # for prerequisites (the supervisor's own state: the journal keeps it queued)
 #: how many finished jobs' outcomes are remembered for prerequisites given by id
 _OUTCOMES_KEPT = 100_000
 _TIMEOUT, _RETRY, _DUE, _CRON = 0, 1, 2, 3  # timer kinds: a run's deadline, a retry's backoff, a delayed job's time
@@ -77,7 +79,7 @@ _TIMEOUT, _RETRY, _DUE, _CRON = 0, 1, 2, 3  # timer kinds: a run's deadline, a r
 _BACKSTOP_MS = 1000
 
 
-class Supervisor:
+class Supervisor(Requests):
     def __init__(self, config: PoolConfig, prefix: str, journal: JournalConfig | None = None) -> None:
         self.config = config
         self.prefix = prefix
@@ -323,109 +325,6 @@ class Supervisor:
                 return
         self.queue.push(job.id, job.opts.priority, job.opts.hot, now)
 
-    # -- prerequisites ----------------------------------------------------------
-    def _link(self, job: Job) -> bool:
-        """Count the prerequisites still to finish; settle what the finished ones mean.
-
-        False when one that failed has cancelled this job. Prerequisites
-        always have smaller ids (they exist when this job is submitted), so
-        no cycle can form.
-        """
-        futures = {f.job_id: f for f in job.dep_futures}
-        waiting = 0
-        for dep_id in job.deps:
-            dep = self.jobs.get(dep_id)
-            if dep is not None:
-                if dep.dependents is None:
-                    dep.dependents = []
-                dep.dependents.append(job.id)
-                waiting += 1
-                continue
-            ok, result = self._outcome(dep_id, futures.get(dep_id))
-            if not self._prerequisite_done(job, dep_id, ok, result):
-                return False
-        job.waiting = waiting
-        return True
-
-    def _outcome(self, job_id: int, fut: JobFuture | None) -> tuple[bool, Encoded | None]:
-        """How a finished job ended: (succeeded, its result when known)."""
-        if fut is not None and fut.done():
-            return not fut.cancelled() and fut._exception is None, fut.encoded_result()
-        if self.rec is not None:
-            stored = self.rec.outcome(job_id)
-            if stored is not None:
-                return stored
-        ok = self.outcomes.get(job_id, self.outcomes_old.get(job_id))
-        return (True if ok is None else ok), None  # (None: gone from every record, it ended long ago)
-
-    def _prerequisite_done(self, job: Job, dep_id: int, ok: bool, result: Encoded | None) -> bool:
-        """One prerequisite of ``job`` finished; False if that cancelled ``job``."""
-        then = job.flags & frames.F_THEN
-        if (not ok and (job.dep_policy == "cancel" or then)) or (then and result is None):
-            log.info("dependency_cancelled", job=job.id, name=job.label, prerequisite=dep_id)
-            if job.future.cancel():
-                job.future.notify_cancelled()
-            self._finish(job, CANCELLED)
-            return False
-        if then:
-            assert result is not None
-            job.args = then_arguments(job.args, result)
-            job.flags &= ~frames.F_THEN
-        return True
-
-    def _release_dependents(self, job: Job, ok: bool, result: Encoded | None, now: float) -> None:
-        for did in job.dependents or ():
-            d = self.jobs.get(did)
-            if d is None or d.state != WAITING:
-                continue
-            if self._prerequisite_done(d, job.id, ok, result):
-                d.waiting -= 1
-                if not d.waiting:
-                    self._ready(d, now)
-
-    def _cancel(self, job_id: int, kill: bool, now: float) -> bool:
-        """``pool.cancel``: a job not started is cancelled; a running one only with ``kill``."""
-        job = self.jobs.get(job_id)
-        if job is None:
-            return False
-        if not job.dispatched:
-            if job.future.cancel():
-                job.future.notify_cancelled()
-            self._finish(job, CANCELLED)  # its queue entry or timer finds it gone
-            return True
-        if job.cancelling:
-            return True
-        if job.state == PENDING:  # between attempts (a retry's backoff): nothing runs
-            self._cancelled_running(job)
-            return True
-        if self.backend.withdraw(job.run):  # placed but not begun: it comes back unrun
-            job.cancelling = True
-            return True
-        if kill and self.backend.kill(job.run, "cancel", now):
-            log.info("job_cancel_kill", job=job.id, name=job.label, attempt=job.attempt)
-            job.cancelling = True
-            return True
-        return False
-
-    def _cancelled_running(self, job: Job) -> None:
-        job.future.cancel_running()
-        for fut in job.followers or ():
-            fut.cancel_running()
-        job.followers = None
-        self._finish(job, CANCELLED)
-
-    def _reprioritize(self, job_id: int, priority: int, now: float) -> bool:
-        """A job not yet started gets a new priority (and keeps its place among equals)."""
-        job = self.jobs.get(job_id)
-        if job is None or job.dispatched:
-            return False
-        job.opts = msgspec.structs.replace(job.opts, priority=priority)
-        if self.rec is not None:
-            self.rec.changed(job)
-        if job.state == QUEUED and self.queue.remove(job.id):
-            self.queue.push(job.id, priority, job.opts.hot, job.queued_at)
-        return True
-
     def _shutdown(self, cancel_futures: bool, kill: bool) -> None:
         self.closing = True
         self.schedules.stopped = True
@@ -668,45 +567,6 @@ class Supervisor:
                 job.future = fut
                 return True
         return False
-
-    # -- dead letters and introspection -------------------------------------------
-    def _dead_letter(self, job: Job, state: str) -> DeadLetter:
-        buffers = [bytes(b) for b in oob.read(job.oob, False)] if job.oob else []
-        return DeadLetter(job.id, job.label, job.key, job.fn, job.flags, job.args, buffers, job.opts, state, list(job.history or ()), time.time())
-
-    def _resubmit(self, job_id: int, changes: dict[str, Any]) -> JobFuture:
-        """A dead letter as a new job (with changed options); it leaves the dead letters."""
-        letter = self.dead.by_job.get(job_id)
-        if letter is None:
-            raise KeyError(f"no dead letter for job {job_id}")
-        opts = make_options(letter.opts, changes)
-        self.dead.take(job_id)
-        if self.rec is not None:
-            self.rec.journal.drop([job_id], "resubmitted")
-        fut = JobFuture()
-        fut.job_id = self.new_id()
-        desc = oob.write(f"{self.prefix}d{fut.job_id}", letter.buffers) if letter.buffers else b""
-        self._admit(Job(fut.job_id, fut, opts.name or letter.label, letter.fn, letter.flags, letter.args, desc, opts, letter.key), time.monotonic())
-        return fut
-
-    def _purge(self, job_id: int | None) -> int:
-        gone = self.dead.purge(job_id)
-        if gone and self.rec is not None:
-            self.rec.journal.drop(gone, "purged")
-        return len(gone)
-
-    def _jobs(self, state: str | None, tag: str | None, name: str | None) -> list[dict[str, Any]]:
-        out = []
-        for job in self.jobs.values():
-            if (state is None or job.state == state) and (tag is None or tag in job.opts.tags) and (name is None or job.label == name):
-                out.append({
-                    "job": job.id, "name": job.label, "state": job.state, "attempt": job.attempt, "priority": job.opts.priority,
-                    "hot": job.opts.hot, "tags": list(job.opts.tags), "key": job.key, "waiting_for": job.waiting or None,
-                })  # fmt: skip
-        for letter in self.dead.by_job.values():
-            if (state in (None, "dead", letter.state)) and (tag is None or tag in letter.opts.tags) and (name is None or letter.label == name):
-                out.append({**letter.describe(), "dead_letter": True})
-        return out
 
     def _schedule_job(self, spec: r.ScheduleSet) -> Job:
         """A firing of a schedule: an ordinary job with the schedule's call and options."""
