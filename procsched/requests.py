@@ -24,6 +24,7 @@ from .ipc import frames, oob
 from .jobs import Job, then_arguments
 from .ledger import DeadLetter, DeadLetters
 from .log import get_logger
+from .journal.state import describe as describe_entry
 from .model import CANCELLED, PENDING, QUEUED, make_options
 
 if TYPE_CHECKING:
@@ -194,4 +195,11 @@ class Requests:
         for letter in self.dead.by_job.values():
             if (state in (None, "dead", letter.state)) and (tag is None or tag in letter.opts.tags) and (name is None or letter.label == name):
                 out.append({**letter.describe(), "dead_letter": True})
+        if self.rec is not None:  # finished jobs the journal keeps (dead letters are listed above)
+            st = self.rec.journal.state
+            for job_id in st.finished:
+                e = st.jobs[job_id]
+                tags = st.options[e.opts].tags
+                if not e.dead and (state is None or e.state == state) and (tag is None or tag in tags) and (name is None or e.label == name):
+                    out.append({**describe_entry(e), "tags": list(tags)})
         return out

@@ -243,3 +243,17 @@ def test_jobs_and_stats_show_what_the_pool_holds(tmp_path: Path) -> None:
         stats = pool.stats()
         assert stats["run_s"]["p50"] >= 0 and stats["wait_s"]["p99"] >= stats["wait_s"]["p50"]
         assert stats["throughput_per_s"] > 0 and stats["by_state"] == {}
+
+
+@pytest.mark.timeout(60)
+def test_jobs_lists_the_finished_jobs_a_journal_keeps(tmp_path: Path) -> None:
+    with procsched.Pool(1, journal=str(tmp_path / "j")) as pool:
+        done = [pool.options(tags=["nightly"], name="sq").submit(square, i) for i in range(3)]
+        failed = pool.submit(fail_then, str(tmp_path / "n"))
+        for f in done:
+            f.result(timeout=RESULT)
+        with pytest.raises(RuntimeError):
+            failed.result(timeout=RESULT)
+        assert sorted(j["job"] for j in pool.jobs(state="succeeded", tag="nightly")) == [f.job_id for f in done]
+        assert [j["job"] for j in pool.jobs(state="failed")] == [failed.job_id]
+        assert {j["job"] for j in pool.jobs(name="sq")} == {f.job_id for f in done}
