@@ -127,7 +127,7 @@ class Requests:
             return True
         if job.cancelling:
             return True
-        if job.state == PENDING:  # between attempts (a retry's backoff): nothing runs
+        if job.state in (PENDING, QUEUED):  # between attempts, or back in the queue (preempted): nothing runs
             self._cancelled_running(job)
             return True
         if self.backend.withdraw(job.run):  # placed but not begun: it comes back unrun

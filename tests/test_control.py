@@ -257,3 +257,25 @@ def test_jobs_lists_the_finished_jobs_a_journal_keeps(tmp_path: Path) -> None:
         assert sorted(j["job"] for j in pool.jobs(state="succeeded", tag="nightly")) == [f.job_id for f in done]
         assert [j["job"] for j in pool.jobs(state="failed")] == [failed.job_id]
         assert {j["job"] for j in pool.jobs(name="sq")} == {f.job_id for f in done}
+
+
+def spin_forever(gate: str) -> None:
+    Path(gate, "cold-started").touch()
+    while True:
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(60)
+def test_cancel_a_preempted_job_waiting_in_the_queue_again(tmp_path: Path) -> None:
+    """A cold job killed for a hot one goes back to the queue; cancelling it there needs no kill."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    with procsched.Pool(1, preempt_grace=0.05) as pool:
+        cold = pool.options(preempt="kill").submit(spin_forever, str(gate))
+        await_file(gate / "cold-started", RESULT)
+        hot = pool.options(hot=True).submit(gated, str(gate), "hot")
+        await_file(gate / "started", RESULT)  # the hot job runs: the cold one was killed and requeued
+        wait_for(lambda: pool.stats()["preempted"] >= 1, RESULT, "the preemption")
+        assert pool.cancel(cold) and cold.cancelled()
+        (gate / "go").touch()
+        assert hot.result(timeout=RESULT) == "hot"
