@@ -99,12 +99,12 @@ class _Submitter:
         if when is None and not self._deps:
             return
         not_before = 0.0 if when is None else time.time() + when[1] if when[0] == "delay" else when[1]
-        deps = tuple(i for i, _ in self._deps)
+        ids = tuple(i for i, f in self._deps if f is None)  # (a future's id is read by the loop: it may change)
         futures = tuple(f for _, f in self._deps if f is not None)
         for job in jobs:
             job.not_before = not_before
-            if deps:
-                job.deps, job.dep_futures, job.dep_policy = deps, futures, self._dep_policy
+            if self._deps:
+                job.deps, job.dep_futures, job.dep_policy = ids, futures, self._dep_policy
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> JobFuture:
         """Schedule ``fn(*args, **kwargs)``; returns its future."""
@@ -326,7 +326,6 @@ class _Submitter:
             fut._on_fetch = pool._on_fetch
         job = Job(fut.job_id, fut, self._opts.name or _label(fn), runner, flags | frames.F_THEN, then_parts(fn, args, kwargs), b"", self._opts)
         self._stamp([job])
-        job.deps = (*job.deps, prerequisite.job_id)
         job.dep_futures = (*job.dep_futures, prerequisite)
         pool._post([job])
         return fut

@@ -124,6 +124,9 @@ class Schedules:
         """Set the timer for the next fire time after what is decided (at once, if times are owed)."""
         if entry.spec.paused:
             return
+        del self._by_handle[entry.handle]  # a timer set before (a pause, then a resume) finds nothing
+        entry.handle = next(self._handles)
+        self._by_handle[entry.handle] = entry
         entry.next_at = entry.schedule.next_after(entry.spec.last)
         self._timer(max(0.0, entry.next_at - wall), entry.handle)
 

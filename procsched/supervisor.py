@@ -292,6 +292,8 @@ class Supervisor(Requests):
                 self._shutdown(cancel_futures=msg[1], kill=msg[2])
 
     def _admit(self, job: Job, now: float) -> None:
+        if job.dep_futures:  # a future's id is final now (a keyed submit may follow another job's)
+            job.deps = (*job.deps, *(f.job_id for f in job.dep_futures))
         if self.rec is not None:
             try:
                 if job.key is not None and self.rec.follow(job, self.jobs):
@@ -331,6 +333,8 @@ class Supervisor(Requests):
         self.killing = self.killing or kill  # (before cancelling: terminate() cancels nothing in the journal)
         if cancel_futures or kill:
             for job in list(self.jobs.values()):
+                if job.id not in self.jobs:  # a cancel cascaded to it already
+                    continue
                 if not job.dispatched and job.future.cancel():
                     job.future.notify_cancelled()
                     self._finish(job, CANCELLED)
@@ -345,6 +349,8 @@ class Supervisor(Requests):
         journal is reopened, as they would after a crash.
         """
         for job in list(self.jobs.values()):
+            if job.id not in self.jobs:  # a cancel cascaded to it already
+                continue
             if job.run:
                 self._end_run(job)  # a late outcome of this run must find nothing to settle
             fut = job.future
@@ -501,6 +507,9 @@ class Supervisor(Requests):
         self.queue.push(job.id, job.opts.priority, job.opts.hot, job.queued_at, front=True)
 
     def _failed(self, job: Job, kind: str, error: BaseException, types: Any, now: float) -> None:
+        if job.cancelling:  # pool.cancel(kill=True) came first: it ends cancelled, not retried
+            self._cancelled_running(job)
+            return
         if job.history is None:
             job.history = []
         job.history.append((job.attempt, kind, describe(error), time.time()))

@@ -144,3 +144,20 @@ def test_a_dependency_chain_resumes_after_a_restart(tmp_path: Path) -> None:
     with procsched.Pool(1, journal=str(path)) as again:
         assert again.recovered[last.job_id].result(timeout=RESULT) == 16
         assert again.recovered[head.job_id].result(timeout=RESULT) == 5
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_cancelling_futures_with_waiting_dependents(tmp_path: Path) -> None:
+    """Cancelling a queued prerequisite cancels its dependents too; the running job still finishes."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    pool = procsched.Pool(1)
+    running = pool.submit(gated, str(gate), "ran")
+    await_file(gate / "started", RESULT)
+    queued = pool.submit(add, 1)
+    dependent = pool.options(depends_on=[queued]).submit(add, 2)
+    pool.shutdown(wait=False, cancel_futures=True)
+    (gate / "go").touch()
+    assert running.result(timeout=RESULT) == "ran"
+    pool.shutdown(wait=True)
+    assert queued.cancelled() and dependent.cancelled()
