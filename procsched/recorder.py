@@ -60,6 +60,9 @@ class Recorder:
         buffers = [bytes(b) for b in oob.read(job.oob, False)] if job.oob else _NO_BUFFERS
         j.append(r.Submitted(job.id, j.fn_id(job.fn), j.opts_id(job.opts), job.flags, job.args, buffers, job.label, job.key, time.time(), job.not_before, list(job.deps), job.dep_policy))
 
+    def released(self, job: Job) -> None:
+        self.journal.append(r.Released(job.id, job.args, job.flags))
+
     def changed(self, job: Job) -> None:
         self.journal.append(r.Changed(job.id, self.journal.opts_id(job.opts)))
 
@@ -205,6 +208,8 @@ class Recorder:
             job.deps, job.dep_policy = tuple(e.deps), e.dep_policy
             if e.state == PENDING:
                 job.state = PENDING
+                if not e.history:  # never failed: it is a delayed job, due at its time
+                    job.not_before = e.retry_at
                 out.append((job, max(0.0, e.retry_at - wall)))
             else:
                 out.append((job, None))

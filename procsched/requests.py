@@ -103,6 +103,8 @@ class Requests:
             assert result is not None
             job.args = then_arguments(job.args, result)
             job.flags &= ~frames.F_THEN
+            if self.rec is not None:  # so a restart need not find the result again
+                self.rec.released(job)
         return True
 
     def _release_dependents(self, job: Job, ok: bool, result: Encoded | None, now: float) -> None:

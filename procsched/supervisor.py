@@ -602,7 +602,9 @@ class Supervisor(Requests):
                 if job.waiting:
                     job.state = WAITING
                     continue
-            if retry_in is not None:
+            if job.not_before:  # a delayed job: due at its time, with its priority
+                self._ready(job, now)
+            elif retry_in is not None:
                 self._timer(now + retry_in, _RETRY, job.id)
             else:  # a preempted job goes first, as it would have
                 self.queue.push(job.id, job.opts.priority, job.opts.hot, now, front=bool(job.resume))

@@ -207,7 +207,15 @@ class Unscheduled(Record, tag=18):
     name: str
 
 
-AnyRecord = Union[Meta, Fn, Opts, Submitted, Dispatched, Checkpoint, Succeeded, Failed, DeadLettered, Cancelled, Requeued, Dropped, Image, Images, Changed, ScheduleSet, ScheduleFired, SchedulePaused, Unscheduled]
+class Released(Record, tag=19):
+    """A continuation's prerequisite succeeded: its arguments now hold that result."""
+
+    job: int
+    args: bytes
+    flags: int
+
+
+AnyRecord = Union[Meta, Fn, Opts, Submitted, Dispatched, Checkpoint, Succeeded, Failed, DeadLettered, Cancelled, Requeued, Dropped, Image, Images, Changed, ScheduleSet, ScheduleFired, SchedulePaused, Unscheduled, Released]
 
 _encoder = msgspec.msgpack.Encoder()
 decoder = msgspec.msgpack.Decoder(AnyRecord)

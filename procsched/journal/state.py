@@ -78,6 +78,7 @@ class JournalState:
             r.ScheduleFired: self._schedule_fired,
             r.SchedulePaused: self._schedule_paused,
             r.Unscheduled: self._unscheduled,
+            r.Released: self._released,
         }
 
     def apply(self, rec: r.Record) -> None:
@@ -132,6 +133,10 @@ class JournalState:
 
     def _unscheduled(self, rec: r.Unscheduled) -> None:
         self.schedules.pop(rec.name, None)
+
+    def _released(self, rec: r.Released) -> None:
+        e = self.jobs[rec.job]
+        e.args, e.flags = rec.args, rec.flags
 
     def _changed(self, rec: r.Changed) -> None:
         self.jobs[rec.job].opts = rec.opts
