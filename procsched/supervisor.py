@@ -106,6 +106,8 @@ class Supervisor(Requests):
         self.closing = False
         self.killing = False
         self.stats = Stats()
+        #: the loop's clock, read once per turn (per-job bookkeeping reads this, not the clock)
+        self.now = time.monotonic()
         # job id -> succeeded, of recently finished jobs (for prerequisites given by id)
         self.outcomes: dict[int, bool] = {}
         self.outcomes_old: dict[int, bool] = {}
@@ -233,7 +235,7 @@ class Supervisor(Requests):
         backend.spawn_all(time.monotonic())
         ready: list[tuple[int, int]] = []
         while True:
-            now = time.monotonic()
+            now = self.now = time.monotonic()
             if self.intake:
                 self._intake(now)
             for ev in backend.collect(now, ready):
@@ -367,7 +369,7 @@ class Supervisor(Requests):
         job.run = rid
         job.state = RUNNING
         self.runs[rid] = job
-        self.timings.waits.append(time.monotonic() - job.queued_at)
+        self.timings.waits.append(self.now - job.queued_at)
         flags = job.flags | (frames.F_CHECKPOINT_LIVE if job.opts.preempt == "kill" else 0)
         return frames.Dispatch(rid, job.attempt, flags, job.fn, job.args, job.resume, job.oob)
 
@@ -537,13 +539,13 @@ class Supervisor(Requests):
         job.state = state
         del self.jobs[job.id]
         job.release_args()
-        self.timings.finishes.append(time.monotonic())
+        self.timings.finishes.append(self.now)
         outcomes = self.outcomes
         outcomes[job.id] = state == SUCCEEDED
         if len(outcomes) >= _OUTCOMES_KEPT:  # two generations: between half and all of them are kept
             self.outcomes_old, self.outcomes = outcomes, {}
         if job.dependents:
-            self._release_dependents(job, state == SUCCEEDED, result, time.monotonic())
+            self._release_dependents(job, state == SUCCEEDED, result, self.now)
         s = self.stats
         if state == SUCCEEDED:
             s.succeeded += 1
