@@ -18,6 +18,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Pool": "executor",
     "PoolView": "executor",
+    "connect": "client",
+    "Client": "client",
     "JobFuture": "futures",
     "JobOptions": "model",
     "PoolConfig": "model",
@@ -46,6 +48,8 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # "X as X": explicit re-exports, so strict type checkers see them
+    from .client import Client as Client
+    from .client import connect as connect
     from .config import ConfigError as ConfigError
     from .context import JobContext as JobContext
     from .context import cancel_requested as cancel_requested

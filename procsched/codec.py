@@ -130,10 +130,18 @@ class CallEncoder:
 
     def __init__(self) -> None:
         self._fn_cache: weakref.WeakKeyDictionary[Any, tuple[Any, bytes]] = weakref.WeakKeyDictionary()
+        self._builtins: dict[Any, bytes] = {}
 
     def function(self, fn: Callable[..., Any]) -> tuple[bytes, int]:
         """The pickled function and its dispatch flags."""
         if type(fn) is not types.FunctionType:
+            if type(fn) is types.BuiltinFunctionType and isinstance(getattr(fn, "__self__", None), types.ModuleType):
+                data = self._builtins.get(fn)  # a C function of a module (operator.mul, math.sqrt): by name
+                if data is None:
+                    data = self._pickle_function(fn)
+                    if len(self._builtins) < 1024:
+                        self._builtins[fn] = data
+                return data, frames.F_FN_CACHEABLE
             return self._pickle_function(fn), 0
         hit = self._fn_cache.get(fn)
         if hit is not None:
@@ -194,6 +202,52 @@ def run_calls(fn: Callable[..., Any], calls: Sequence[Any], star: bool = True) -
     if it had been a job of its own. ``star`` as for :func:`run_chunk`.
     """
     return _run_batch(fn, calls, star, keep_errors=True)
+
+
+def check_path(path: str) -> str:
+    """``"package.module:function"`` (a dotted attribute after the colon is fine), checked for form."""
+    module, sep, name = path.partition(":")
+    if not sep or not module or not name or not all(p.isidentifier() for p in (*module.split("."), *name.split("."))):
+        raise ValueError(f"{path!r} is not a function's import path (expected 'package.module:function')")
+    return path
+
+
+class ByPath:
+    """A function named by import path: the worker imports it when the job runs.
+
+    A job given this way holds no pickled code: it survives any restart and
+    any change of the submitter's environment, as long as the workers can
+    import the module (``pool.submit("package.module:function", ...)``).
+    """
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = check_path(path)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import importlib
+
+        module, _, name = self.path.partition(":")
+        obj: Any = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ByPath, (self.path,))
+
+    def __repr__(self) -> str:
+        return f"ByPath({self.path!r})"
+
+
+def callable_of(fn: Any) -> Any:
+    """What a front door runs for ``fn``: ``fn`` itself, or a :class:`ByPath` for a ``"module:function"`` str."""
+    if isinstance(fn, str):
+        return ByPath(fn)
+    if not callable(fn):
+        raise TypeError(f"{fn!r} is not callable")
+    return fn
 
 
 def then_parts(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:

@@ -23,375 +23,31 @@ Differences from ``ProcessPoolExecutor``, on purpose:
 from __future__ import annotations
 
 import atexit
-import datetime
 import itertools
 import os
 import threading
-import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
-from .codec import CallEncoder, ItemError, run_calls, run_chunk, run_then, then_parts
-from .journal.records import ScheduleSet
-from .schedule import MISFIRE_POLICIES, parse_cron
-from .schedules import OVERLAP_POLICIES
+import msgspec
+
+from .codec import CallEncoder, callable_of
 from .config import load_settings
+from .controls import Controls, _job_id
 from .errors import PoolError
 from .futures import JobFuture
-from .ipc import frames, oob
-from .model import DEFAULT_OPTIONS, JobOptions, JournalConfig, Key, PoolConfig, make_options
+from .ipc import oob
 from .jobs import Job
+from .model import DEFAULT_OPTIONS, JobOptions, JournalConfig, Key, PoolConfig
+from .submit import PoolView, _check_key, _discard, _label, _Submitter
 from .supervisor import Supervisor
 
-T = TypeVar("T")
-
-_MAX_CHUNK = 10_000
+__all__ = ["Pool", "PoolView", "_check_key"]
 
 
-def _label(fn: Any) -> str:
-    return getattr(fn, "__qualname__", None) or type(fn).__name__
-
-
-class _Submitter:
-    """What ``Pool`` and its option views share: submit and map with given options."""
-
-    _pool: Pool
-    _opts: JobOptions
-    _key: Key | None = None
-    #: when its jobs may start: ("delay", seconds after submit) or ("at", wall-clock time); None: at once
-    _when: tuple[str, float] | None = None
-    #: prerequisites (job ids, and the futures given for them) and what a failed one means
-    _deps: tuple[tuple[int, JobFuture | None], ...] = ()
-    _dep_policy = "cancel"
-
-    def options(self, **changes: Any) -> PoolView:
-        """A view of the pool whose ``submit``/``map`` use these job options.
-
-        ``priority`` (int, higher first), ``hot`` (bool), ``timeout`` (seconds),
-        ``retries`` (int or :class:`RetryPolicy`), ``preempt`` ("cooperative" or
-        "kill"), ``name`` (str), ``tags`` (strings), and ``key`` (str or int):
-        submitting with a key that is already queued or running returns that
-        job's future, and with a journal, a key that already succeeded
-        returns its stored result without running it again.
-
-        ``delay`` (seconds after each submit) or ``run_at`` (a timezone-aware
-        ``datetime``) hold the jobs back until then; they then queue with
-        their priority. With a journal, the wait survives a restart.
-        """
-        key = changes.pop("key", self._key)
-        if key is not None:
-            _check_key(key)
-        when = _when(changes.pop("delay", None), changes.pop("run_at", None), self._when)
-        deps = self._deps if "depends_on" not in changes else self._pool._prerequisites(changes.pop("depends_on"))
-        policy = changes.pop("on_failure", self._dep_policy)
-        if policy not in ("cancel", "run"):
-            raise ValueError(f"option 'on_failure' must be 'cancel' or 'run', not {policy!r}")
-        # the same options object when only the key changes: the journal writes each one once
-        view = PoolView(self._pool, make_options(self._opts, changes) if changes else self._opts, key, when)
-        view._deps, view._dep_policy = deps, policy
-        return view
-
-    def _stamp(self, jobs: list[Job]) -> None:
-        """Give new jobs this view's start time and prerequisites."""
-        when = self._when
-        if when is None and not self._deps:
-            return
-        not_before = 0.0 if when is None else time.time() + when[1] if when[0] == "delay" else when[1]
-        ids = tuple(i for i, f in self._deps if f is None)  # (a future's id is read by the loop: it may change)
-        futures = tuple(f for _, f in self._deps if f is not None)
-        for job in jobs:
-            job.not_before = not_before
-            if self._deps:
-                job.deps, job.dep_futures, job.dep_policy = ids, futures, self._dep_policy
-
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> JobFuture:
-        """Schedule ``fn(*args, **kwargs)``; returns its future."""
-        pool = self._pool
-        pool._check_open()
-        if self._key is not None:
-            known = pool._keyed_future(self._key)
-            if known is not None:
-                return known
-        job = pool._make_job(self._opts, fn, args, kwargs, key=self._key)
-        self._stamp([job])
-        if job.key is not None:
-            winner = pool._claim_key(job)
-            if winner is not job.future:  # another thread submitted the key meanwhile
-                job.release_args()
-                return winner
-        pool._post([job])
-        return job.future
-
-    def map(
-        self,
-        fn: Callable[..., T],
-        *iterables: Iterable[Any],
-        timeout: float | None = None,
-        chunksize: int | None = 1,
-        key: Callable[..., Key] | None = None,
-    ) -> Iterator[T]:
-        """Like ``Executor.map``: every call submitted now, results yielded in order.
-
-        With ``chunksize=1`` (the default; ``None`` means the same) each call
-        keeps its own outcome, as in the stdlib: an exception is raised when
-        the iteration reaches that call, after the results before it. Unless
-        the options set a ``timeout`` or ``retries`` (which are per job),
-        procsched still sends the calls in batches of about a quarter of the
-        calls per worker (the size ``multiprocessing.Pool.map`` picks), which
-        is what makes mapping small functions fast. An explicit
-        ``chunksize > 1`` makes each chunk one job, as ``ProcessPoolExecutor``
-        does: a failing call fails its whole chunk. Either way a worker that
-        dies during a batch or chunk fails every call of it with
-        ``WorkerCrashed`` (or retries the job, per its options).
-
-        ``key``, a function of a call's arguments, makes every call its own
-        job with that key (see :meth:`options`): with a journal, rerunning
-        the same ``map`` after a crash runs only the calls whose keys have
-        not succeeded, and the others' results come from the journal.
-        """
-        if chunksize is None:
-            chunksize = 1
-        if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
-        pool = self._pool
-        pool._check_open()
-        if self._key is not None:
-            raise TypeError("map() cannot give one key to many calls: pass key= to map() instead of options()")
-        end = None if timeout is None else time.monotonic() + timeout
-        # One iterable: its items are the arguments (no tuple per call, as
-        # multiprocessing.Pool.map does); several: zipped into tuples.
-        star = len(iterables) != 1
-        calls = list(zip(*iterables)) if star else list(iterables[0])
-        if key is not None:
-            return _results(self._keyed_map(fn, calls, star, key), end)
-        runner: Callable[..., Any] = run_chunk
-        if chunksize == 1 and not self._opts.timeout and not self._opts.retries.retries:
-            chunksize = min(_MAX_CHUNK, max(1, -(-len(calls) // (4 * pool._max_workers))))
-            runner = run_calls
-        jobs: list[Job] = []
-        try:
-            if chunksize == 1:
-                jobs.extend(pool._make_job(self._opts, fn, args if star else (args,), {}) for args in calls)
-            else:
-                jobs.extend(
-                    pool._make_job(self._opts, runner, (fn, calls[i : i + chunksize], star), {}, label=_label(fn))
-                    for i in range(0, len(calls), chunksize)
-                )
-        except BaseException:
-            _discard(jobs)  # a call that cannot be pickled: the ones made before it are never posted
-            raise
-        del calls
-        self._stamp(jobs)
-        pool._post(jobs)
-        futures = [j.future for j in jobs]
-        del jobs
-        if chunksize == 1:
-            return _results(futures, end)
-        return _chunk_results(futures, end)
-
-    def _keyed_map(self, fn: Callable[..., Any], calls: list[Any], star: bool, key: Callable[..., Key]) -> list[JobFuture]:
-        """One job per call, each with its key; calls whose key is known reuse its future."""
-        pool = self._pool
-        futures: list[JobFuture] = []
-        jobs: list[Job] = []
-        try:
-            for args in calls:
-                k = key(*args) if star else key(args)
-                _check_key(k)
-                known = pool._keyed_future(k)
-                if known is None:
-                    job = pool._make_job(self._opts, fn, args if star else (args,), {}, key=k)
-                    known = pool._claim_key(job)
-                    if known is job.future:
-                        jobs.append(job)
-                    else:
-                        job.release_args()
-                futures.append(known)
-        except BaseException:
-            pool._drop(jobs)  # never posted: their keys are free again
-            raise
-        if jobs:
-            self._stamp(jobs)
-            pool._post(jobs)
-        return futures
-
-    def submit_many(self, calls: Iterable[tuple[Any, ...]]) -> list[JobFuture]:
-        """Submit many calls at once: ``(fn,)``, ``(fn, args)`` or ``(fn, args, kwargs)`` each.
-
-        One hand-off to the supervisor and one journal batch; the futures come
-        back in the calls' order. All or nothing: if any call is malformed or
-        cannot be pickled, none is submitted.
-        """
-        pool = self._pool
-        pool._check_open()
-        if self._key is not None:
-            raise TypeError("submit_many() cannot give one key to many calls")
-        jobs: list[Job] = []
-        try:
-            for i, call in enumerate(calls):
-                if not isinstance(call, tuple) or not 1 <= len(call) <= 3:
-                    raise TypeError(f"submit_many() call {i}: expected (fn, args, kwargs), not {call!r:.80}")
-                fn, args, kwargs = call[0], call[1] if len(call) > 1 else (), call[2] if len(call) > 2 else {}
-                if not isinstance(args, tuple) or not isinstance(kwargs, dict):
-                    raise TypeError(f"submit_many() call {i}: args must be a tuple and kwargs a dict")
-                jobs.append(pool._make_job(self._opts, fn, args, kwargs))
-        except BaseException:
-            _discard(jobs)
-            raise
-        self._stamp(jobs)
-        if jobs:
-            pool._post(jobs)
-        return [job.future for job in jobs]
-
-    def cron(
-        self,
-        expr: str,
-        fn: Callable[..., Any],
-        /,
-        *args: Any,
-        name: str,
-        tz: str | None = None,
-        misfire: str = "run_once",
-        overlap: str = "skip",
-        replace: bool = False,
-        **kwargs: Any,
-    ) -> str:
-        """Run ``fn(*args, **kwargs)`` on a cron schedule (5 fields, or 6 with seconds last), in ``tz``
-        (an IANA name; UTC if None), as jobs with this view's options; returns ``name``.
-
-        ``misfire`` (what a stall or downtime owes): "skip", "run_once" (one catch-up run) or
-        "catch_up" (every missed time, at most 100). ``overlap`` (a fire time while the previous
-        run goes on): "skip", "queue", "replace" (kill the old run) or "allow". ``replace``: a
-        schedule of that name is replaced instead of refused.
-        """
-        schedule = parse_cron(expr, tz)  # ValueError naming what is wrong
-        return self._schedule(name, "cron", schedule.expr, 0.0, tz or "", fn, args, kwargs, misfire, overlap, replace)
-
-    def every(
-        self,
-        interval: float,
-        fn: Callable[..., Any],
-        /,
-        *args: Any,
-        name: str,
-        misfire: str = "skip",
-        overlap: str = "skip",
-        replace: bool = False,
-        **kwargs: Any,
-    ) -> str:
-        """Run ``fn(*args, **kwargs)`` every ``interval`` seconds from now; see :meth:`cron`."""
-        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 < interval < float("inf"):
-            raise ValueError(f"every(): interval must be a positive number of seconds, not {interval!r}")
-        return self._schedule(name, "every", "", float(interval), "", fn, args, kwargs, misfire, overlap, replace)
-
-    def _schedule(
-        self, name: str, kind: str, expr: str, every: float, tz: str,
-        fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], misfire: str, overlap: str, replace: bool,
-    ) -> str:  # fmt: skip
-        if not isinstance(name, str) or not name:
-            raise TypeError("a schedule needs a name (a non-empty str)")
-        if misfire not in MISFIRE_POLICIES:
-            raise ValueError(f"misfire must be one of {', '.join(map(repr, MISFIRE_POLICIES))}, not {misfire!r}")
-        if overlap not in OVERLAP_POLICIES:
-            raise ValueError(f"overlap must be one of {', '.join(map(repr, OVERLAP_POLICIES))}, not {overlap!r}")
-        if not callable(fn):
-            raise TypeError(f"{fn!r} is not callable")
-        pool = self._pool
-        fn_bytes, flags = pool._encoder.function(fn)
-        args_bytes = pool._encoder.arguments(fn, args, kwargs, in_band=True)[0]  # each firing reuses them
-        now = time.time()
-        spec = ScheduleSet(name, kind, expr, every, now, tz, fn_bytes, flags, args_bytes, self._opts, self._opts.name or _label(fn), misfire, overlap, now)
-        pool._ask("schedule", spec, replace)
-        return name
-
-    def then(self, prerequisite: JobFuture, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> JobFuture:
-        """Run ``fn(prerequisite's result, *args, **kwargs)`` once ``prerequisite`` has succeeded.
-
-        If it fails or is cancelled, this job is cancelled (and so are the
-        jobs that depend on it, per their ``on_failure``). The result passes
-        from worker to worker as bytes; this process never decodes it.
-        """
-        pool = self._pool
-        pool._check_open()
-        if not isinstance(prerequisite, JobFuture):
-            raise TypeError(f"then() takes a job's future, not {type(prerequisite).__name__}")
-        if not callable(fn):
-            raise TypeError(f"{fn!r} is not callable")
-        runner, flags = pool._encoder.function(run_then)
-        fut = JobFuture()
-        fut.job_id = next(pool._ids)
-        if pool._on_fetch is not None:
-            fut._on_fetch = pool._on_fetch
-        job = Job(fut.job_id, fut, self._opts.name or _label(fn), runner, flags | frames.F_THEN, then_parts(fn, args, kwargs), b"", self._opts)
-        self._stamp([job])
-        job.dep_futures = (*job.dep_futures, prerequisite)
-        pool._post([job])
-        return fut
-
-
-# The iterators below hold no reference to a value they have yielded (like
-# the stdlib's), so a caller that drops a result lets it be freed at once.
-
-
-def _result(fut: JobFuture, end: float | None) -> Any:
-    try:
-        try:
-            return fut.result() if end is None else fut.result(end - time.monotonic())
-        finally:
-            fut.cancel()  # a no-op once done; a timed-out call is not left queued
-    finally:
-        del fut
-
-
-def _results(futures: list[JobFuture], end: float | None) -> Iterator[Any]:
-    futures.reverse()
-    try:
-        while futures:
-            yield _result(futures.pop(), end)
-    finally:
-        for fut in futures:
-            fut.cancel()
-
-
-def _chunk_results(futures: list[JobFuture], end: float | None) -> Iterator[Any]:
-    futures.reverse()
-    try:
-        while futures:
-            values = _result(futures.pop(), end)
-            values.reverse()
-            if type(values) is list:  # no call of this batch failed
-                while values:
-                    yield values.pop()
-                continue
-            while values:
-                if type(values[-1]) is ItemError:
-                    raise values.pop().error()
-                yield values.pop()
-    finally:
-        for fut in futures:
-            fut.cancel()
-
-
-class PoolView(_Submitter):
-    """The pool seen through a set of job options (from ``Pool.options``)."""
-
-    def __init__(self, pool: Pool, opts: JobOptions, key: Key | None = None, when: tuple[str, float] | None = None) -> None:
-        self._pool = pool
-        self._opts = opts
-        self._key = key
-        self._when = when
-
-    @property
-    def job_options(self) -> JobOptions:
-        return self._opts
-
-    def __repr__(self) -> str:
-        return f"<PoolView {self._opts!r}>"
-
-
-class Pool(_Submitter, Executor):
+class Pool(_Submitter, Controls, Executor):
     """A pool of worker processes for CPU-bound Python functions.
 
     ``max_workers`` defaults to the CPU count loky reports (cgroup quota and
@@ -454,8 +110,7 @@ class Pool(_Submitter, Executor):
 
     # -- jobs -----------------------------------------------------------------
     def _make_job(self, opts: JobOptions, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], label: str | None = None, key: Key | None = None) -> Job:
-        if not callable(fn):
-            raise TypeError(f"{fn!r} is not callable")
+        fn = callable_of(fn)
         fn_bytes, flags = self._encoder.function(fn)
         args_bytes, buffers = self._encoder.arguments(fn, args, kwargs)
         job_id = next(self._ids)
@@ -465,6 +120,13 @@ class Pool(_Submitter, Executor):
         if self._on_fetch is not None:
             fut._on_fetch = self._on_fetch
         return Job(job_id, fut, opts.name or label or _label(fn), fn_bytes, flags, args_bytes, desc, opts, key)
+
+    def _new_future(self) -> JobFuture:
+        fut = JobFuture()
+        fut.job_id = next(self._ids)
+        if self._on_fetch is not None:
+            fut._on_fetch = self._on_fetch
+        return fut
 
     def _keyed_future(self, key: Key) -> JobFuture | None:
         """The future of this process's job with ``key``, unless that job failed or was cancelled."""
@@ -592,56 +254,6 @@ class Pool(_Submitter, Executor):
         """True while workers keep dying at boot (respawns are backing off)."""
         return self._sup.backend.degraded
 
-    def cancel(self, job: JobFuture | int, kill: bool = False) -> bool:
-        """Cancel a job (its future or id) that has not started; with ``kill``, also one that runs
-        (its worker is killed and replaced). True if the job is, or is being, cancelled."""
-        return bool(self._ask("cancel", _job_id(job), bool(kill)))
-
-    def reprioritize(self, job: JobFuture | int, priority: int) -> bool:
-        """Give a job that has not started a new priority; False if it has started or ended."""
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise TypeError(f"priority must be an int, not {type(priority).__name__}")
-        return bool(self._ask("reprioritize", _job_id(job), priority))
-
-    def dead_letters(self) -> list[dict[str, Any]]:
-        """Jobs out of attempts after a crash or a timeout: each with its failure history."""
-        return list(self._ask("dead_letters"))
-
-    def resubmit(self, job: JobFuture | int, **options: Any) -> JobFuture:
-        """Run a dead letter again as a new job, with its options changed by ``options``; it
-        leaves the dead letters. ``KeyError`` if there is no dead letter for ``job``."""
-        fut = self._ask("resubmit", _job_id(job), options)
-        assert isinstance(fut, JobFuture)
-        return fut
-
-    def purge(self, job: JobFuture | int | None = None) -> int:
-        """Forget a dead letter (or, with no argument, all of them); how many were forgotten."""
-        return int(self._ask("purge", None if job is None else _job_id(job)))
-
-    def jobs(self, state: str | None = None, tag: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
-        """The jobs the pool holds (queued, pending, waiting, running) and its dead letters, filtered."""
-        return list(self._ask("list_jobs", state, tag, name))
-
-    def schedules(self) -> list[dict[str, Any]]:
-        """The pool's schedules: name, schedule, policies, paused, last and next fire times, runs."""
-        return list(self._ask("schedules"))
-
-    def pause(self, name: str) -> bool:
-        """Stop firing a schedule (its running job is left alone); False if there is none by that name."""
-        return bool(self._ask("pause", name, True))
-
-    def resume(self, name: str) -> bool:
-        """Fire a paused schedule again, from now on (the paused time is not owed)."""
-        return bool(self._ask("pause", name, False))
-
-    def trigger(self, name: str) -> bool:
-        """Fire a schedule now, once (its overlap policy applies), besides its regular times."""
-        return bool(self._ask("trigger", name))
-
-    def unschedule(self, name: str) -> bool:
-        """Remove a schedule; False if there is none by that name."""
-        return bool(self._ask("unschedule", name))
-
     def _ask(self, what: str, *args: Any) -> Any:
         """A request the loop answers (it owns the jobs); waits for the answer."""
         if threading.current_thread() is self._sup.thread:
@@ -656,6 +268,47 @@ class Pool(_Submitter, Executor):
         if isinstance(answer[0], Exception):
             raise answer[0]
         return answer[0]
+
+    # -- for the service ----------------------------------------------------------
+    def drain(self) -> None:
+        """Start no more jobs (queued ones stay queued, and journaled); running ones go on."""
+        done = threading.Event()
+        self._sup.post(("drain", done))
+        while not done.wait(0.5):
+            if self._sup.ended:
+                return
+
+    def running(self) -> int:
+        """How many jobs are on workers now (a turn old at most)."""
+        return len(self._sup.runs)
+
+    def reconfigure(self, settings: dict[str, Any]) -> list[str]:
+        """Change what can change while the pool runs: ``max_workers`` (grown at once, shrunk
+        as workers finish their job), memory caps, ``max_tasks_per_child``, graces, prefetch.
+        A new ``soft`` memory cap or ring size applies to workers started from now on.
+        ``aging_rate`` and ``log_dir`` need a new pool (``ValueError``). The names changed."""
+        old = self._config
+        given = {k: v for k, v in settings.items() if v is not None}
+        given.setdefault("max_workers", old.max_workers)
+        try:
+            new = msgspec.structs.replace(old, **given)
+        except TypeError as e:
+            raise TypeError(f"reconfigure(): {e}") from None
+        _check_config(new)
+        changed = [f for f in new.__struct_fields__ if getattr(new, f) != getattr(old, f)]
+        fixed = [f for f in changed if f in ("aging_rate", "log_dir")]
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} cannot change while the pool runs")
+        if isinstance(new.max_workers, bool) or not isinstance(new.max_workers, int) or new.max_workers <= 0:
+            raise ValueError(f"max_workers must be a positive int, not {new.max_workers!r}")
+        if changed:
+            self._sup.post(("reconfigure", new))
+            self._config, self._max_workers = new, new.max_workers
+        return changed
+
+    def set_heartbeat(self, interval: float, beat: Callable[[], None]) -> None:
+        """Have the supervisor's loop call ``beat`` every ``interval`` seconds (a watchdog)."""
+        self._sup.post(("heartbeat", (interval, beat)))
 
     @property
     def recovered(self) -> dict[int, JobFuture]:
@@ -684,35 +337,6 @@ class Pool(_Submitter, Executor):
         return f"<procsched.Pool max_workers={self._max_workers} {state}>"
 
 
-def _discard(jobs: list[Job]) -> None:
-    """Unlink the argument segments of jobs that will never reach the loop."""
-    for job in jobs:
-        job.release_args()
-
-
-def _check_key(key: Any) -> None:
-    if isinstance(key, bool) or not isinstance(key, (str, int)):
-        raise TypeError(f"option 'key' must be a str or an int, not {type(key).__name__}")
-    if isinstance(key, int) and not -(1 << 63) <= key < (1 << 64):
-        raise ValueError(f"option 'key' must fit in 64 bits, not {key}")
-
-
-def _when(delay: Any, run_at: Any, current: tuple[str, float] | None) -> tuple[str, float] | None:
-    if delay is not None and run_at is not None:
-        raise TypeError("options 'delay' and 'run_at' exclude each other")
-    if delay is not None:
-        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not delay >= 0 or delay == float("inf"):
-            raise ValueError(f"option 'delay' must be a finite number of seconds >= 0, not {delay!r}")
-        return ("delay", float(delay))
-    if run_at is not None:
-        if not isinstance(run_at, datetime.datetime):
-            raise TypeError(f"option 'run_at' must be a datetime, not {type(run_at).__name__}")
-        if run_at.tzinfo is None or run_at.utcoffset() is None:
-            raise ValueError("option 'run_at' must be timezone-aware (a naive datetime has no single meaning)")
-        return ("at", run_at.timestamp())
-    return current
-
-
 def _in_flight(sup: Supervisor, job_id: int) -> bool:
     """A job posted but not yet taken in by the loop (a caller thread's look at the intake)."""
     for msg in list(sup.intake):
@@ -720,14 +344,6 @@ def _in_flight(sup: Supervisor, job_id: int) -> bool:
         if any(j.id == job_id for j in jobs):
             return True
     return False
-
-
-def _job_id(job: Any) -> int:
-    if isinstance(job, JobFuture):
-        return job.job_id
-    if isinstance(job, bool) or not isinstance(job, int):
-        raise TypeError(f"expected a job's future or id, not {type(job).__name__}")
-    return job
 
 
 def _usable(fut: JobFuture) -> bool:
@@ -754,7 +370,7 @@ def _journal_config(journal: str | os.PathLike[str] | JournalConfig | None) -> J
 
 
 def _check_config(c: PoolConfig) -> None:
-    for name in ("ring_bytes", "max_prefetch", "max_tasks_per_child", "max_memory", "max_memory_hard"):
+    for name in ("ring_bytes", "max_prefetch", "max_tasks_per_child", "max_memory", "max_memory_hard", "log_bytes"):
         v = getattr(c, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"Pool option {name!r} must be a non-negative int, not {v!r}")
@@ -764,3 +380,5 @@ def _check_config(c: PoolConfig) -> None:
             raise ValueError(f"Pool option {name!r} must be a non-negative number, not {v!r}")
     if c.ring_bytes < 64 * 1024:
         raise ValueError("Pool option 'ring_bytes' must be at least 65536")
+    if not isinstance(c.log_dir, str):
+        raise ValueError(f"Pool option 'log_dir' must be a str (a directory, or \"\" for no capture), not {c.log_dir!r}")

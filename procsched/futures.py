@@ -68,6 +68,8 @@ class JobFuture(Future):  # type: ignore[type-arg]
     _on_fetch: Any = None
     #: the result's bytes, kept once decoded (a continuation submitted later passes them on)
     _encoded: Encoded | None = None
+    #: called with the future once it is settled or cancelled (the service pushes it to its client)
+    _on_settle: Any = None
 
     def __init__(self) -> None:  # Future.__init__ without its condition (see the module doc)
         self._cond: threading.Condition | None = None
@@ -90,6 +92,12 @@ class JobFuture(Future):  # type: ignore[type-arg]
 
     # -- the supervisor's side: lock-light while nobody watches ----------------
     def set_running_or_notify_cancel(self) -> bool:
+        running = self._set_running()
+        if not running and self._on_settle is not None:
+            self._on_settle(self)
+        return running
+
+    def _set_running(self) -> bool:
         if self._cond is None:
             with self._lazy:
                 if self._cond is None:
@@ -104,10 +112,14 @@ class JobFuture(Future):  # type: ignore[type-arg]
     def set_result(self, result: Any) -> None:
         if not self._settle(result, None):
             super().set_result(result)
+        if self._on_settle is not None:
+            self._on_settle(self)
 
     def set_exception(self, exception: BaseException | None) -> None:
         if not self._settle(None, exception):
             super().set_exception(exception)
+        if self._on_settle is not None:
+            self._on_settle(self)
 
     def _settle(self, result: Any, exception: BaseException | None) -> bool:
         """Finish without a condition while none exists; ``False``: take the stdlib's path."""
@@ -130,6 +142,8 @@ class JobFuture(Future):  # type: ignore[type-arg]
                 waiter.add_cancelled(self)
             self._condition.notify_all()
         self._invoke_callbacks()  # type: ignore[attr-defined]
+        if self._on_settle is not None:
+            self._on_settle(self)
 
     def notify_cancelled(self) -> None:
         """A cancelled job leaves the pool: wake ``wait()``/``as_completed()`` for it."""

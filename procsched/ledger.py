@@ -4,7 +4,15 @@
 timeout, with its call (so it can be submitted again) and its failure
 history; with a journal the same jobs come back from it after a restart.
 ``Timings`` keeps the recent wait and run times and finish times that
-``pool.stats()`` turns into percentiles and a throughput.
+``pool.stats()`` turns into percentiles and a throughput, and, since the
+pool started, a cumulative histogram of each (:class:`Histogram`: fixed
+bucket bounds, one ``bisect`` and two additions per sample) that a metrics
+endpoint exports as it is (``procsched.metrics``; the journal's writer
+keeps one more, of its fsyncs).
+
+The supervisor appends samples as a job is placed and as its run ends
+(``timings.waits.append``): :class:`Samples` is the window and the
+histogram in one, so that call feeds both.
 
 Both belong to the supervisor's loop; callers see copies through
 ``pool.dead_letters()`` and ``pool.stats()``.
@@ -12,13 +20,18 @@ Both belong to the supervisor's loop; callers see copies through
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from .model import JobOptions, Key
 
 #: how many recent waits, runs and finishes the timings keep
 WINDOW = 10_000
+
+#: upper bounds (seconds, inclusive) of the wait and run histograms' buckets; above the last: +Inf
+BOUNDS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class DeadLetter(NamedTuple):
@@ -67,15 +80,71 @@ class DeadLetters:
         return [d.describe() for d in self.by_job.values()]
 
 
+class Histogram:
+    """Cumulative counts of samples by bucket, and their sum, since it was made.
+
+    One thread observes; any thread may read a :meth:`snapshot` (a copy of
+    the counts, so its buckets and count agree; its sum may be a sample
+    ahead or behind, which a metric tolerates).
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Iterable[float] = BOUNDS) -> None:
+        self.bounds = tuple(bounds)
+        if list(self.bounds) != sorted(set(self.bounds)):
+            raise ValueError(f"histogram bounds must be increasing: {self.bounds}")
+        self.counts = [0] * (len(self.bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # bounds are inclusive: value <= bound
+        self.sum += value
+
+    def snapshot(self) -> dict[str, Any]:
+        """``{"buckets": [[bound, cumulative count], ...], "count": n, "sum": s}`` (+Inf's count is ``count``)."""
+        counts = self.counts.copy()
+        total = self.sum
+        buckets: list[list[float]] = []
+        running = 0
+        for bound, n in zip(self.bounds, counts):
+            running += n
+            buckets.append([bound, running])
+        return {"buckets": buckets, "count": running + counts[-1], "sum": total}
+
+
+class Samples(deque[float]):
+    """The recent samples (a bounded deque, for percentiles) and a :class:`Histogram` of all of them.
+
+    ``append`` feeds both (about half a microsecond); the deque's other
+    methods that add (``extend``, ``appendleft`` ...) bypass the histogram.
+    """
+
+    __slots__ = ("hist", "_counts", "_bounds")
+
+    def __init__(self, maxlen: int = WINDOW, bounds: Iterable[float] = BOUNDS) -> None:
+        super().__init__((), maxlen)
+        self.hist = Histogram(bounds)
+        self._counts, self._bounds = self.hist.counts, self.hist.bounds
+
+    # (Histogram.observe inlined, and globals bound as defaults: this runs twice per job in the loop)
+    def append(self, value: float, _append: Any = deque.append, _bisect: Any = bisect_left) -> None:
+        _append(self, value)
+        self._counts[_bisect(self._bounds, value)] += 1
+        self.hist.sum += value
+
+
 class Timings:
     def __init__(self) -> None:
-        self.waits: deque[float] = deque(maxlen=WINDOW)  # queued -> placed on a worker, seconds
-        self.runs: deque[float] = deque(maxlen=WINDOW)  # run time the worker measured, seconds
+        self.waits = Samples()  # queued -> placed on a worker, seconds (one per placement)
+        self.runs = Samples()  # run time the worker measured, seconds (one per attempt that returned or raised)
         self.finishes: deque[float] = deque(maxlen=WINDOW)  # monotonic times jobs finished
 
     def summary(self, now: float) -> dict[str, Any]:
         # (list() and sorted() copy in one C call: safe while the loop appends)
         out: dict[str, Any] = {"wait_s": _percentiles(self.waits), "run_s": _percentiles(self.runs)}
+        out["wait_histogram"] = self.waits.hist.snapshot()
+        out["run_histogram"] = self.runs.hist.snapshot()
         recent = [t for t in list(self.finishes) if t >= now - 10.0]
         out["throughput_per_s"] = round(len(recent) / 10.0, 1) if recent else 0.0
         return out

@@ -190,6 +190,11 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     preempt_grace: float = 1.0
     #: how long shutdown waits for workers to exit before SIGKILL
     stop_timeout: float = 5.0
+    #: a directory (created if missing) where each job's stdout and stderr go, to ``<job id>.log``,
+    #: every attempt appended ("": no capture, a job's output goes to the pool's own stdout/stderr)
+    log_dir: str = ""
+    #: bytes a job's log keeps at most; later output is dropped, and a last line says so (0: no cap)
+    log_bytes: int = 1 << 20
 
 
 FsyncPolicy = Literal["always", "interval", "never"]

@@ -9,7 +9,8 @@ no state of its own). It holds
   one that finished (a failure cancels them per ``on_failure``; a
   continuation gets the result's bytes);
 * the requests ``pool.cancel``, ``reprioritize``, ``resubmit``, ``purge``,
-  ``dead_letters`` and ``jobs`` make through ``Supervisor._asks``.
+  ``dead_letters`` and ``jobs`` make through ``Supervisor._asks``, and the
+  service's ``show``, ``status`` and stored outcomes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from .jobs import Job, then_arguments
 from .ledger import DeadLetter, DeadLetters
 from .log import get_logger
 from .journal.state import describe as describe_entry
-from .model import CANCELLED, PENDING, QUEUED, make_options
+from .errors import JobTimeout, PoolError, WorkerCrashed
+from .model import CANCELLED, CRASHED, FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, make_options
+from .workers import rss
 
 if TYPE_CHECKING:
     from .heap import ReadyQueue
@@ -48,6 +51,8 @@ class Requests:
     outcomes: dict[int, bool]
     outcomes_old: dict[int, bool]
     new_id: Any
+    runs: dict[int, Job]
+    draining: bool
 
     if TYPE_CHECKING:
 
@@ -205,3 +210,66 @@ class Requests:
                 if not e.dead and (state is None or e.state == state) and (tag is None or tag in tags) and (name is None or e.label == name):
                     out.append({**describe_entry(e), "tags": list(tags)})
         return out
+
+    # -- for the service: one job, a stored outcome, the workers ---------------------
+    def _show(self, job_id: int) -> dict[str, Any]:
+        """Everything known of one job: live, dead-lettered, or finished and journaled."""
+        job = self.jobs.get(job_id)
+        if job is not None:
+            o = job.opts
+            return {
+                "job": job.id, "name": job.label, "state": job.state, "attempt": job.attempt, "key": job.key,
+                "priority": o.priority, "hot": o.hot, "timeout": o.timeout, "retries": o.retries.retries,
+                "tags": list(o.tags), "waiting_for": job.waiting or None, "not_before": job.not_before or None,
+                "depends_on": list(job.deps), "history": [list(h) for h in job.history or ()],
+                "worker": self.backend.worker_of(job.run) if job.run else None,
+            }  # fmt: skip
+        letter = self.dead.by_job.get(job_id)
+        if letter is not None:
+            return {**letter.describe(), "dead_letter": True}
+        if self.rec is not None:
+            e = self.rec.journal.state.jobs.get(job_id)
+            if e is not None:
+                return {**describe_entry(e), "history": [list(h) for h in e.history]}
+        raise KeyError(f"no job {job_id}")
+
+    def _stored(self, job_id: int) -> tuple[str, Any] | None:
+        """How a job the journal holds as finished ended, for a client asking after a restart:
+        ("ok", Encoded), ("raised", the job's encoded exception), ("error", an exception
+        of procsched's own) or ("cancelled", None); None if the journal does not know it."""
+        if self.rec is None:
+            return None
+        e = self.rec.journal.state.jobs.get(job_id)
+        if e is None or e.state in (QUEUED, PENDING, RUNNING):
+            return None
+        if e.state == SUCCEEDED:
+            try:
+                return "ok", self.rec.stored_result(e)
+            except Exception:  # a spill file gone: the result is lost, run it again
+                return None
+        if e.state == CANCELLED:
+            return "cancelled", None
+        if e.state == FAILED and e.error:
+            return "raised", e.error
+        label = f"{e.label}#{e.job}"
+        if e.state == TIMED_OUT:
+            return "error", JobTimeout(self.rec.journal.state.options[e.opts].timeout or 0.0, label)
+        if e.state == CRASHED:
+            return "error", WorkerCrashed(None, 0, label)
+        return "error", PoolError(f"job {label} failed: {e.message}")
+
+    def _status(self, now: float) -> dict[str, Any]:
+        """Workers (pid, RSS, current job, uptime), queue depth per lane, running count."""
+        workers = []
+        for slot in self.backend.slots:
+            current = self.runs.get(slot.outstanding[0]) if slot.outstanding else None
+            workers.append({
+                "index": slot.index, "pid": slot.pid or None, "state": slot.state, "rss": rss(slot.pid) if slot.pid else 0,
+                "job": current.id if current is not None else None, "name": current.label if current is not None else None,
+                "uptime_s": round(now - slot.booted_at, 1) if slot.pid and slot.booted_at else None, "jobs_done": slot.done,
+            })  # fmt: skip
+        return {
+            "workers": workers, "degraded": self.backend.degraded, "restarts": self.backend.restarts,
+            "queued_hot": self.queue.hot, "queued_cold": self.queue.cold, "running": len(self.runs),
+            "jobs": len(self.jobs), "draining": self.draining,
+        }  # fmt: skip

@@ -37,6 +37,11 @@ The dependency graph and the requests callers make of a running pool
 (cancel, reprioritize, dead letters, listing) are in ``requests.py``, the
 same object's other half; recurring schedules in ``schedules.py``.
 
+Under ``procsched serve`` the loop also serves the clients' sockets
+(``self.front``, see ``server.py``): their fds are in the same poll, their
+requests are handled in the turn they arrive, and outcomes go out at the
+end of the turn they settle in.
+
 It never unpickles anything (futures decode on the caller's side) and never
 imports cloudpickle.
 """
@@ -105,6 +110,13 @@ class Supervisor(Requests):
         self._ended_lock = threading.Lock()
         self.closing = False
         self.killing = False
+        #: a service stopping: queued jobs stay queued (and journaled), running ones may finish
+        self.draining = False
+        #: (interval, callback) the loop calls every ``interval`` seconds (systemd's watchdog)
+        self.heartbeat: tuple[float, Callable[[], None]] | None = None
+        self.beat_at = float("inf")
+        #: the service's socket front door (``server.Front``), served by this loop once attached
+        self.front: Any = None
         self.stats = Stats()
         #: the loop's clock, read once per turn (per-job bookkeeping reads this, not the clock)
         self.now = time.monotonic()
@@ -139,6 +151,8 @@ class Supervisor(Requests):
             "purge": self._purge,
             "dead_letters": self.dead.listing,
             "list_jobs": self._jobs,
+            "show": self._show,
+            "status": lambda: self._status(time.monotonic()),
         }
         # Under fsync="always" futures settle once their records are durable.
         self._hold = self.rec.hold if self.rec is not None and self.rec.always else None
@@ -238,6 +252,8 @@ class Supervisor(Requests):
             now = self.now = time.monotonic()
             if self.intake:
                 self._intake(now)
+            if self.front is not None and ready:
+                self.front.collect(ready)
             for ev in backend.collect(now, ready):
                 self._event(ev, now)
             if self.timers and self.timers[0][0] <= now:
@@ -248,16 +264,20 @@ class Supervisor(Requests):
             backend.tick(now)
             if self.rec is not None:
                 self.rec.end_turn()
+            if self.front is not None:
+                self.front.flush()
             if self.closing and not self.jobs and not self.intake:
                 break
-            wake = min(self.timers[0][0] if self.timers else float("inf"), backend.next_deadline())
+            if now >= self.beat_at:
+                self._beat(now)
+            wake = min(self.timers[0][0] if self.timers else float("inf"), backend.next_deadline(), self.beat_at)
             self.sleeping = True
             if self.intake or not backend.prepare_sleep():
                 timeout = 0  # work arrived while we looked: only check for deaths
             elif wake == float("inf"):
                 timeout = _BACKSTOP_MS  # no timer: a lost wakeup still costs at most this
             else:
-                timeout = max(0, int((wake - time.monotonic()) * 1000) + 1)
+                timeout = min(_BACKSTOP_MS, max(0, int((wake - time.monotonic()) * 1000) + 1))  # (poll takes an int32)
             ready = poller.poll(timeout)  # also with 0: a busy loop must see worker deaths
             self.sleeping = False
             if timeout:
@@ -289,9 +309,35 @@ class Supervisor(Requests):
                 assert self.rec is not None
                 self.rec.journal.compact()
                 msg[1].set()
+            elif msg[0] == "call":  # (call, fn, done): run fn on the loop (the service's front door)
+                try:
+                    msg[1]()
+                finally:
+                    msg[2].set()
+            elif msg[0] == "reconfigure":  # (reconfigure, PoolConfig): SIGHUP's live changes
+                self.config = self.backend.config = msg[1]
+                self.backend.resize(msg[1].max_workers, now)
+            elif msg[0] == "heartbeat":
+                self.heartbeat = msg[1]
+                self._beat(now)
+            elif msg[0] == "drain":
+                self.draining = True
+                self.schedules.stopped = True
+                msg[1].set()
             elif msg[0] == "shutdown":
                 self._dispatch(now, booting=True)  # what was submitted before may still take a worker
                 self._shutdown(cancel_futures=msg[1], kill=msg[2])
+
+    def _beat(self, now: float) -> None:
+        """The loop is alive: tell whoever asked (a hung loop stops these, and systemd restarts us)."""
+        if self.heartbeat is None:
+            return
+        interval, beat = self.heartbeat
+        self.beat_at = now + interval
+        try:
+            beat()
+        except Exception as e:  # a heartbeat must not take the loop down
+            log.error("heartbeat_failed", error=repr(e))
 
     def _admit(self, job: Job, now: float) -> None:
         if job.dep_futures:  # a future's id is final now (a keyed submit may follow another job's)
@@ -371,7 +417,7 @@ class Supervisor(Requests):
         self.runs[rid] = job
         self.timings.waits.append(self.now - job.queued_at)
         flags = job.flags | (frames.F_CHECKPOINT_LIVE if job.opts.preempt == "kill" else 0)
-        return frames.Dispatch(rid, job.attempt, flags, job.fn, job.args, job.resume, job.oob)
+        return frames.Dispatch(rid, job.attempt, flags, job.fn, job.args, job.resume, job.oob, job.id)
 
     def _claim(self, job: Job | None) -> bool:
         """Whether a popped queue entry is a job to run now (cancelled ones are settled)."""
@@ -385,6 +431,8 @@ class Supervisor(Requests):
         return True
 
     def _dispatch(self, now: float, booting: bool = False) -> None:
+        if self.draining:
+            return
         q, backend, jobs = self.queue, self.backend, self.jobs
         while q.hot and backend.idle_workers():
             job = jobs.get(q.pop_hot())

@@ -11,6 +11,10 @@ frames of ``ipc/frames.py`` and three words of its control block:
 * ``W_RECALL``: when it changes, every job not yet begun goes back
   (``RETURNED``), followed by a marker with job id 0.
 
+With the pool's ``log_dir`` set, each job's stdout and stderr go to the
+job's own file for the job's duration (``joblog.py``); without it, nothing
+is done and the output goes wherever the worker's does.
+
 It boots in a few milliseconds because it imports only the stdlib and the
 stdlib-only parts of procsched. It dies with its supervisor: on Linux by
 ``PR_SET_PDEATHSIG``, elsewhere when the death pipe reports a hang-up.
@@ -35,6 +39,8 @@ from .ipc.ring import W_RECALL, W_STARTED, W_STOP, W_YIELD, Channel
 TYPE_CHECKING = False  # typing costs a worker ~8 ms at boot; annotations are strings anyway
 if TYPE_CHECKING:
     from typing import Any
+
+    from .joblog import JobLog
 
 _BACKSTOP_MS = 1000  # see ring.py: a lost wakeup costs at most this
 _FN_CACHE_MAX = 1024
@@ -81,6 +87,11 @@ class Worker:
         self.seq = 0
         self.recycling = False
         self.parent: int = cfg["parent"]
+        self.log: JobLog | None = None
+        if cfg["log_dir"]:
+            from .joblog import JobLog  # here: a pool that captures nothing does not load it
+
+            self.log = JobLog(cfg["log_dir"], cfg["log_bytes"])
 
     # -- sending ------------------------------------------------------------
     def send(self, outcomes: list[frames.Outcome]) -> None:
@@ -120,6 +131,7 @@ class Worker:
         poller.register(self.death_fd, select.POLLIN)
         words = self.ch.words
         inbound = self.ch.inbound
+        log = self.log
         while True:
             if words[W_STOP]:
                 return
@@ -142,7 +154,7 @@ class Worker:
                 continue
             job = self.pending.popleft()
             words[W_STARTED] = job.job_id
-            outcomes = [self.run(job)]
+            outcomes = [self.run(job) if log is None else self.run_logged(job, log)]
             if self.soft_rss and not self.recycling and _rss() > self.soft_rss:
                 # In the outcome's frame: the supervisor retires us before the
                 # job's caller hears of it, so a job it submits next goes elsewhere.
@@ -183,6 +195,13 @@ class Worker:
                 self.fn_cache.clear()
             fn = self.fn_cache[job.fn] = pickle.loads(job.fn)
         return fn
+
+    def run_logged(self, job: frames.Dispatch, log: JobLog) -> frames.Outcome:
+        log.begin(job.job, job.attempt)
+        try:
+            return self.run(job)
+        finally:
+            log.end()
 
     def run(self, job: frames.Dispatch) -> frames.Outcome:
         t0 = time.perf_counter()

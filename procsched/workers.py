@@ -14,6 +14,10 @@ engine can stand behind it later. This module is the local implementation:
   last call; ``tick(now)`` / ``next_deadline()``: kills to escalate, workers
   to respawn, memory to sample.
 
+With the pool's ``log_dir`` set, it makes the directory, tells each worker
+where jobs' output goes (the worker redirects it, see ``joblog.py``), and caps
+the log of a job whose worker died under it, which the worker could not.
+
 It owns the processes: spawn (fork+exec of a fresh interpreter that imports
 only what a worker needs, with its fds passed explicitly, rather than
 ``multiprocessing``'s or loky's start, which cannot pass them and cost an
@@ -36,6 +40,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from . import joblog
 from .errors import MemoryLimitExceeded, WorkerCrashed, describe_exit
 from .ipc import frames, oob
 from .ipc.doorbell import Doorbell
@@ -105,6 +110,7 @@ class _Slot:
         self.yield_job = 0
         self.respawn_at = 0.0
         self.last_rss = 0
+        self.surplus = False  # the pool shrank: retire it, and do not replace it
 
     @property
     def idle(self) -> bool:
@@ -113,6 +119,12 @@ class _Slot:
 
 class LocalBackend:
     def __init__(self, config: PoolConfig, prefix: str, sup_bell: Doorbell) -> None:
+        # Absolute: a worker's directory is the caller's when it starts, not later.
+        self.log_dir = os.path.abspath(config.log_dir) if config.log_dir else ""
+        if self.log_dir:
+            os.makedirs(self.log_dir, exist_ok=True)  # first: a bad directory fails the pool's constructor
+        #: run id -> job id, of the runs placed on a worker (only with a log_dir: they name the logs)
+        self.log_jobs: dict[int, int] | None = {} if self.log_dir else None
         self.config = config
         self.prefix = prefix
         self.sup_bell = sup_bell
@@ -153,6 +165,8 @@ class LocalBackend:
             "prefix": self.prefix,
             "path": sys.path,
             "soft_rss": cfg.max_memory or 0,
+            "log_dir": self.log_dir,
+            "log_bytes": cfg.log_bytes,
         }
         fds = (ch.fd, *bell.fds(), self.sup_bell.write_fd, death_r)
         try:
@@ -215,9 +229,13 @@ class LocalBackend:
                 killed_for=killed_for or None,
                 runs=list(slot.outstanding)[:3] or None,
             )
+        logs = self.log_jobs
         for job_id in slot.outstanding:
             self.by_job.pop(job_id, None)
+            job = logs.pop(job_id, 0) if logs is not None else 0
             if job_id == started:
+                if job:  # its worker died before it could cap the job's log
+                    joblog.cap_path(joblog.log_path(self.log_dir, job), self.config.log_bytes)
                 why = slot.killing.get(job_id, "")
                 err = self._crash_error(slot, code, why)
                 self.events.append(Lost(job_id, err, why))
@@ -228,6 +246,10 @@ class LocalBackend:
         self._close(slot)
         if self.closing:
             slot.state = DEAD
+            return
+        if slot.surplus:  # the pool shrank: this one leaves
+            slot.state = DEAD
+            self.slots.remove(slot)
             return
         if booting:
             log.error("worker_boot_failed", worker=slot.index, pid=slot.pid, exitcode=code)
@@ -377,9 +399,12 @@ class LocalBackend:
                 oob.unlink(name)
                 self._give_back(batch)
                 return
+        logs = self.log_jobs
         for d in batch:
             slot.outstanding.append(d.job_id)
             self.by_job[d.job_id] = slot
+            if logs is not None:
+                logs[d.job_id] = d.job
             if d.job_id in tracked:
                 slot.track.add(d.job_id)
         if was_idle and slot.state == READY and slot.outstanding[0] in slot.track:
@@ -484,6 +509,7 @@ class LocalBackend:
     def _outcomes(self, slot: _Slot, outcomes: list[frames.Outcome], now: float) -> None:
         events = self.events
         out = slot.outstanding
+        logs = self.log_jobs
         for o in outcomes:
             status = o.status
             if status <= frames.PREEMPTED:  # OK, ERROR, PREEMPTED: the job left this worker
@@ -491,6 +517,8 @@ class LocalBackend:
                     raise ValueError(f"outcome for job {o.job_id} out of order")
                 out.popleft()
                 self.by_job.pop(o.job_id, None)
+                if logs is not None:
+                    logs.pop(o.job_id, None)
                 slot.track.discard(o.job_id)
                 slot.done += 1
                 took = max(o.run_us, 10) * 1e-6
@@ -508,6 +536,8 @@ class LocalBackend:
                 if o.job_id:
                     out.remove(o.job_id)
                     self.by_job.pop(o.job_id, None)
+                    if logs is not None:
+                        logs.pop(o.job_id, None)
                     slot.track.discard(o.job_id)
                     events.append(Returned(o.job_id))
                 else:
@@ -525,6 +555,20 @@ class LocalBackend:
             self._stop(slot)
         elif self.config.max_tasks_per_child and slot.done >= self.config.max_tasks_per_child and slot.state == READY:
             self.retire(slot)
+
+    def resize(self, workers: int, now: float) -> None:
+        """Grow at once; shrink by retiring the surplus workers (the job each runs finishes,
+        the ones queued on it go elsewhere), which then leave the pool."""
+        live = [s for s in self.slots if not s.surplus]
+        for slot in live[workers:]:
+            slot.surplus = True
+            self.retire(slot)  # (a booting one is retired by tick() once it is ready)
+        for slot in [s for s in self.slots if s.surplus][: max(0, workers - len(live))]:
+            slot.surplus = False  # shrunk, then grown again before it left: replaced as a recycled worker is
+        while sum(1 for s in self.slots if not s.surplus) < workers:
+            slot = _Slot(max((s.index for s in self.slots), default=-1) + 1)
+            self.slots.append(slot)
+            self.spawn(slot, now)
 
     def retire(self, slot: _Slot) -> None:
         """Take no more jobs on this worker; stop it once its queue is empty."""
@@ -569,6 +613,8 @@ class LocalBackend:
                     self._kill_slot(s, "preempt", now, job, sig=signal.SIGKILL)
             if s.state == DEAD and not self.closing and now >= s.respawn_at:
                 self.spawn(s, now)
+            elif s.surplus and s.state == READY:
+                self.retire(s)
         if self.config.max_memory_hard and now >= self.next_memory_check:
             self.next_memory_check = now + self.config.memory_check_interval
             self._check_memory(now)
@@ -578,11 +624,11 @@ class LocalBackend:
         assert limit
         for s in self.slots:
             if s.state in (READY, RETIRING) and s.pid and not s.killing:
-                rss = _rss(s.pid)
-                if rss > limit:
-                    s.last_rss = rss
+                used = rss(s.pid)
+                if used > limit:
+                    s.last_rss = used
                     job = s.outstanding[0] if s.outstanding else 0
-                    log.warning("worker_memory_exceeded", worker=s.index, pid=s.pid, run=job or None, rss=rss, limit=limit)
+                    log.warning("worker_memory_exceeded", worker=s.index, pid=s.pid, run=job or None, rss=used, limit=limit)
                     self._kill_slot(s, "memory", now, job, sig=signal.SIGKILL)
 
     # -- shutdown -------------------------------------------------------------
@@ -635,7 +681,7 @@ def _accepting(slot: _Slot, booting: bool) -> bool:
     return (slot.state == READY or (booting and slot.state == BOOTING)) and not slot.recalling
 
 
-def _rss(pid: int) -> int:
+def rss(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/statm", "rb") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -30,3 +30,29 @@ def lines(log: str | Path) -> list[str]:
     """The lines of a log the jobs append to (none if it does not exist yet)."""
     path = Path(log)
     return path.read_text().splitlines() if path.exists() else []
+
+
+def slow_square(x: int, delay: float = 0.005) -> int:
+    """``x * x`` after ``delay`` seconds: a batch of these stays in flight for a while."""
+    time.sleep(delay)
+    return x * x
+
+
+def add(a: Any, b: Any) -> Any:
+    return a + b
+
+
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def crash(code: int) -> None:
+    """Kill the worker running it, with exit code ``code``."""
+    os._exit(code)
+
+
+def chatter(gate: str, first: str, last: str) -> None:
+    """Print ``first``, wait for ``gate/go`` (see :func:`gated`), then print ``last``."""
+    print(first, flush=True)
+    gated(gate, None)
+    print(last, flush=True)

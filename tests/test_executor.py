@@ -1000,3 +1000,13 @@ def test_batched_map_fails_only_the_call_whose_result_cannot_be_pickled() -> Non
         with pytest.raises(procsched.SerializationError, match="lock"):
             next(it)
         assert pool.stats()["submitted"] < 40  # it was batched
+
+
+def test_a_month_long_delay_or_timeout_leaves_the_loop_running() -> None:
+    # poll() takes an int32 of milliseconds: a far timer must not overflow it
+    with procsched.Pool(1) as pool:
+        far = pool.options(delay=30 * 86400).submit(abs, -1)
+        long = pool.options(timeout=30 * 86400.0).submit(abs, -2)
+        assert long.result(10) == 2
+        assert pool.submit(abs, -3).result(10) == 3
+        assert pool.cancel(far)

@@ -514,9 +514,9 @@ def test_ring_two_processes_lose_no_wakeup() -> None:
 @pytest.mark.timeout(10)
 def test_frames_run_round_trip() -> None:
     batch = [
-        frames.Dispatch(1, 1, 0, b"", b"", b"", b""),
-        frames.Dispatch(2**63 + 5, 7, frames.F_FN_CACHEABLE | frames.F_CHECKPOINT_LIVE, b"fn" * 100, b"\x00args", b"resume", b"seg\x00" + bytes(16)),
-        frames.Dispatch(3, 2, frames.F_FN_CACHEABLE, os.urandom(70_000), os.urandom(3), b"", b""),
+        frames.Dispatch(1, 1, 0, b"", b"", b"", b"", 1),
+        frames.Dispatch(2**63 + 5, 7, frames.F_FN_CACHEABLE | frames.F_CHECKPOINT_LIVE, b"fn" * 100, b"\x00args", b"resume", b"seg\x00" + bytes(16), 2**64 - 1),
+        frames.Dispatch(3, 2, frames.F_FN_CACHEABLE, os.urandom(70_000), os.urandom(3), b"", b"", 42),
     ]
     frame = frames.encode_run(batch)
     assert frames.kind(frame) == frames.RUN

@@ -2,9 +2,9 @@
 
 Supervisor to worker:
 
-* ``RUN``: a batch of :class:`Dispatch` records (job id, attempt, flags, the
+* ``RUN``: a batch of :class:`Dispatch` records (run id, attempt, flags, the
   pickled function, the pickled arguments, an optional checkpoint to resume
-  from, an optional out-of-band descriptor);
+  from, an optional out-of-band descriptor, the job's own id);
 * ``STOP``: finish the current job, return nothing more, exit 0.
 
 Worker to supervisor:
@@ -48,7 +48,7 @@ F_THEN = 4  # a continuation: the supervisor adds its prerequisite's result to t
 
 _KIND = struct.Struct("<B")
 _COUNT = struct.Struct("<BI")
-_DISPATCH = struct.Struct("<QIIIIII")
+_DISPATCH = struct.Struct("<QIIIIIIQ")
 _OUTCOME = struct.Struct("<QBxxxIIII")
 _ERROR = struct.Struct("<III")
 _PID = struct.Struct("<BQ")
@@ -57,13 +57,14 @@ _PID = struct.Struct("<BQ")
 if TYPE_CHECKING:  # the typed view, for the checker
 
     class Dispatch(NamedTuple):
-        job_id: int
+        job_id: int  # the run's id: the backend and the worker's outcomes name a run by it
         attempt: int
         flags: int
         fn: bytes
         args: bytes
         resume: bytes
         oob: bytes
+        job: int  # the job's own id, the same for every run of it (it names the job's log)
 
     class Outcome(NamedTuple):
         job_id: int
@@ -73,7 +74,7 @@ if TYPE_CHECKING:  # the typed view, for the checker
         oob: bytes
 
 else:  # the same tuples at run time, without importing typing (~8 ms of a worker's boot)
-    Dispatch = namedtuple("Dispatch", "job_id attempt flags fn args resume oob")
+    Dispatch = namedtuple("Dispatch", "job_id attempt flags fn args resume oob job")
     Outcome = namedtuple("Outcome", "job_id status run_us payload oob")
 
 
@@ -84,7 +85,7 @@ def kind(frame: bytes) -> int:
 def encode_run(jobs: list[Dispatch]) -> bytes:
     parts = [_COUNT.pack(RUN, len(jobs))]
     for j in jobs:
-        parts.append(_DISPATCH.pack(j.job_id, j.attempt, j.flags, len(j.fn), len(j.args), len(j.resume), len(j.oob)))
+        parts.append(_DISPATCH.pack(j.job_id, j.attempt, j.flags, len(j.fn), len(j.args), len(j.resume), len(j.oob), j.job))
         parts += (j.fn, j.args, j.resume, j.oob)
     return b"".join(parts)
 
@@ -94,7 +95,7 @@ def decode_run(frame: bytes) -> list[Dispatch]:
     pos = _COUNT.size
     out = []
     for _ in range(n):
-        job_id, attempt, flags, lf, la, lr, lo = _DISPATCH.unpack_from(frame, pos)
+        job_id, attempt, flags, lf, la, lr, lo, job = _DISPATCH.unpack_from(frame, pos)
         pos += _DISPATCH.size
         fn = frame[pos : pos + lf]
         pos += lf
@@ -104,7 +105,7 @@ def decode_run(frame: bytes) -> list[Dispatch]:
         pos += lr
         oob = frame[pos : pos + lo]
         pos += lo
-        out.append(Dispatch(job_id, attempt, flags, fn, args, resume, oob))
+        out.append(Dispatch(job_id, attempt, flags, fn, args, resume, oob, job))
     return out
 
 

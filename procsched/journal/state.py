@@ -43,7 +43,7 @@ def describe(e: Entry) -> dict[str, Any]:
     """What ``journal inspect`` shows of a job."""
     return {
         "job": e.job, "key": e.key, "name": e.label, "state": e.state, "attempt": e.attempt,
-        "submitted": e.at, "finished": e.finished_at or None, "retry_at": e.retry_at or None,
+        "submitted": e.at, "finished": e.finished_at or None, "retry_at": (e.retry_at or None) if e.state == PENDING else None,
         "dead_letter": e.dead, "error": e.message or None, "spill": e.spill or None,
     }  # fmt: skip
 

@@ -18,7 +18,10 @@ Writing (:class:`SegmentWriter`): the supervisor adds frames during a loop
 turn and ``commit()`` writes them with one ``write`` (group commit). Under
 ``fsync="always"`` the commit also fsyncs, in the loop; under ``"interval"``
 a flusher thread fsyncs every ``interval`` seconds when anything was
-written, so the loop never waits for the disk.
+written, so the loop never waits for the disk. Each fsync the writer does
+(either policy, and the one before a segment switch) is timed into
+``SegmentWriter.fsync_times``, a :class:`~procsched.ledger.Histogram` a
+metrics endpoint reads from its own thread.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import fcntl
 import os
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -35,10 +39,13 @@ from typing import Any, NamedTuple
 import msgspec
 
 from ..errors import PoolError
+from ..ledger import Histogram
 from . import records as r
 
 FSYNC_POLICIES = ("always", "interval", "never")
 _SUFFIX = ".seg"
+#: upper bounds (seconds) of the fsync latency histogram's buckets
+FSYNC_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class JournalError(PoolError):
@@ -234,6 +241,9 @@ class SegmentWriter:
         self.commits = 0  # commits written
         self.written = 0  # bytes written since the journal opened
         self.durable = 0  # commits fsynced
+        #: how long each fsync of a segment took (observed by the loop and the flusher: under _times_lock)
+        self.fsync_times = Histogram(FSYNC_BOUNDS)
+        self._times_lock = threading.Lock()
         self._fd_lock = threading.Lock()  # held while fsyncing, and to swap fd
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -266,7 +276,7 @@ class SegmentWriter:
         self.written += len(data)
         self.commits += 1
         if self.policy == "always":
-            os.fsync(self.fd)
+            self._fsync(self.fd)
             self.durable = self.commits
         return self.commits
 
@@ -283,15 +293,22 @@ class SegmentWriter:
         if target <= self.durable:
             return
         with self._fd_lock:
-            os.fsync(self.fd)
+            self._fsync(self.fd)
         self.durable = max(self.durable, target)
 
     def switch(self, fd: int, seq: int, size: int) -> None:
         """Continue in another segment; the old one is fsynced and closed first."""
-        os.fsync(self.fd)
+        self._fsync(self.fd)
         with self._fd_lock:
             os.close(self.fd)
             self.fd, self.seq, self.size = fd, seq, size
+
+    def _fsync(self, fd: int) -> None:
+        start = time.perf_counter()
+        os.fsync(fd)
+        elapsed = time.perf_counter() - start
+        with self._times_lock:  # (the flusher's and the loop's fsyncs may end together)
+            self.fsync_times.observe(elapsed)
 
     def close(self) -> None:
         if self._thread is not None:

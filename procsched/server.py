@@ -1,0 +1,637 @@
+"""The service's front door: client sockets served by the supervisor's own loop.
+
+``procsched serve`` (``service.py``) makes a :class:`Front` and hands it to
+the pool's supervisor, whose loop then polls the listening sockets and every
+client connection together with its workers' wakeups and deaths. So a
+request is read, and a job admitted, by the thread that owns the job table:
+no lock, no queue and no thread hand-off between a client's bytes and the
+heap, and an outcome is written to its client in the turn it settles (one
+``Outcomes`` frame per connection per turn, however many jobs finished).
+
+Everything here runs on the loop thread, except ``start``/``call`` (which
+post to the loop) and ``close`` (after the loop has ended). Sockets are
+non-blocking: a connection reads what has arrived, answers each frame, and
+keeps what it could not write yet in its buffer until the socket is
+writable again (a client that stops reading for good is dropped once its
+buffer passes ``_MAX_BUFFERED``; it can reconnect and ask again).
+
+A client that disconnects leaves its jobs running; their outcomes wait in
+``futures`` (bounded by ``keep_results``, oldest dropped first) and, with a
+journal, in the journal, until a client ``Watch``es them. Payloads stay
+opaque bytes: nothing here unpickles what a client sent.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import math
+import os
+import pickle
+import select
+import socket
+import struct
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import Any, Callable
+
+from . import protocol as p
+from .errors import PoolError
+from .futures import EncodedError, JobFuture
+from .ipc import frames
+from .jobs import Job
+from .log import get_logger
+from .model import DEFAULT_OPTIONS, JobOptions, RetryPolicy, make_options
+from .schedule import parse_cron
+from .submit import check_schedule
+
+log = get_logger("procsched.server")
+
+_USER_FLAGS = frames.F_FN_CACHEABLE | frames.F_THEN
+_UCRED = struct.Struct("3i")
+_MAX_OUTCOME_BATCH = 16 << 20  # bytes of payload per Outcomes frame
+_MAX_BUFFERED = 256 << 20  # unsent bytes before a client that does not read is dropped
+_READS_PER_TURN = 8  # recv calls per connection per turn (fairness between clients)
+_IN, _OUT = select.POLLIN | select.POLLPRI, select.POLLOUT
+
+
+def outcome(fut: JobFuture) -> p.Outcome:
+    """A settled future as the client will rebuild it; the job's own bytes pass through."""
+    if fut.cancelled():
+        return p.Outcome(fut.job_id, p.CANCELLED)
+    exc = fut._exception
+    if exc is not None:
+        if type(exc) is EncodedError:
+            return p.Outcome(fut.job_id, p.RAISED, exc.payload)
+        return p.Outcome(fut.job_id, p.ERROR, pickle.dumps(exc))  # one of procsched's own errors
+    enc = fut.encoded_result()
+    assert enc is not None
+    return p.Outcome(fut.job_id, p.OK, enc.payload, enc.buffers)  # type: ignore[arg-type]
+
+
+class Connection:
+    """One client: its socket, its frame reader, what it still has to be sent."""
+
+    def __init__(self, front: Front, sock: socket.socket, tcp: bool, peer: str) -> None:
+        self.front = front
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.tcp = tcp
+        self.peer = peer
+        self.reader = p.FrameReader(front.max_frame)
+        self.out = bytearray()
+        self.greeted = False
+        self.closed = False
+        self.fns: dict[int, bytes] = {}  # functions this client defined (Submit.fns)
+
+    def send(self, msg: Any) -> None:
+        if not self.closed:
+            self.out += p.frame(msg)
+            self.front.dirty.add(self)
+
+    def fail(self, message: str, ref: int = 0, kind: str = "ProtocolError", close: bool = False) -> None:
+        log.warning("client_refused" if close else "client_error", peer=self.peer, error=message)
+        self.send(p.Failure(ref, kind, message))
+        if close:
+            self.flush()
+            self.close()
+
+    def readable(self) -> None:
+        buf = self.front.inbuf
+        for _ in range(_READS_PER_TURN):
+            try:
+                n = self.sock.recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                n = 0
+            if not n:
+                self.close()
+                return
+            data = self.front.inview[:n]
+            try:
+                bodies = self.reader.feed(data)
+            except p.ProtocolError as e:  # the stream cannot be followed past this
+                self.fail(str(e), close=True)
+                return
+            for body in bodies:
+                if self.closed:
+                    return
+                try:
+                    msg = p.decode_request(body)
+                except p.ProtocolError as e:
+                    self.fail(str(e), close=not self.greeted)
+                    continue
+                if self.greeted:
+                    self.front.handle(self, msg)
+                else:
+                    self.hello(msg)
+            if self.reader.error and not self.closed:
+                self.fail(self.reader.error, close=True)
+                return
+            if n < len(buf):
+                return  # drained
+
+    def flush(self) -> None:
+        """Write what the socket takes now; wait for POLLOUT for the rest."""
+        if self.closed:
+            return
+        try:
+            n = self.sock.send(self.out) if self.out else 0
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self.close()
+            return
+        if n:
+            del self.out[:n]
+        if len(self.out) > _MAX_BUFFERED:
+            log.warning("client_not_reading", peer=self.peer, buffered=len(self.out))
+            self.close()
+            return
+        self.front.poller.modify(self.fd, _IN | _OUT if self.out else _IN)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.front.conns.pop(self.fd, None)
+        self.front.dirty.discard(self)
+        try:
+            self.front.poller.unregister(self.fd)  # type: ignore[union-attr]
+        except (KeyError, ValueError, OSError):
+            pass
+        self.sock.close()
+
+    def hello(self, msg: Any) -> None:
+        if type(msg) is not p.Hello:
+            self.fail(f"expected Hello first, got {type(msg).__name__}", close=True)
+            return
+        if msg.version != p.VERSION:
+            self.fail(f"protocol version {msg.version} is not supported (this server speaks {p.VERSION})", close=True)
+            return
+        token = self.front.token
+        if self.tcp and not (token and hmac.compare_digest(msg.token.encode(), token.encode())):
+            self.fail("authentication failed: a wrong or missing token", kind="PermissionError", close=True)
+            return
+        self.greeted = True
+        f = self.front
+        self.send(p.Welcome(p.VERSION, f.epoch, f.version, f.max_frame, f.pool.max_workers))
+
+
+class Front:
+    def __init__(self, pool: Any, *, epoch: str, token: str = "", max_frame: int = p.MAX_FRAME,
+                 allow_users: tuple[int, ...] = (), allow_groups: tuple[int, ...] = (),
+                 log_dir: str = "", keep_results: int = 100_000) -> None:  # fmt: skip
+        from . import __version__
+
+        self.pool = pool
+        self.sup = pool._sup
+        self.epoch = epoch
+        self.token = token
+        self.max_frame = max_frame
+        self.allow_users = frozenset((os.getuid(), 0, *allow_users))
+        self.allow_groups = frozenset(allow_groups)
+        self.log_dir = log_dir
+        self.keep_results = keep_results
+        self.version = __version__
+        self.poller: Any = None
+        self.inbuf = bytearray(1 << 20)  # every connection reads into this (one thread reads)
+        self.inview = memoryview(self.inbuf)
+        self.listeners: dict[int, tuple[socket.socket, bool]] = {}
+        self.conns: dict[int, Connection] = {}
+        self.dirty: set[Connection] = set()
+        #: jobs accepted over the socket (or recovered) whose outcome no client has yet received
+        self.futures: dict[int, JobFuture] = {}
+        #: outcomes already sent, kept a while for a client that reconnects and asks again
+        self.sent: OrderedDict[int, JobFuture] = OrderedDict()
+        self.watchers: dict[int, list[Connection]] = {}
+        self.settled: deque[JobFuture] = deque()
+        self.draining = False
+        self.mute = False  # stopping with a journal: jobs failed by the stop are not reported
+        for job_id, fut in pool.recovered.items():
+            self.adopt(fut)
+            self.futures[job_id] = fut
+
+    # -- from the service's thread --------------------------------------------------
+    def add_listener(self, sock: socket.socket) -> None:
+        """A listening socket to serve (before ``start``)."""
+        sock.setblocking(False)
+        self.listeners[sock.fileno()] = (sock, sock.family != socket.AF_UNIX)
+
+    def start(self) -> None:
+        """Hand this front door to the supervisor's loop, which serves it from now on."""
+        self.call(self.attach)
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop and wait for it (nothing if the loop has ended)."""
+        done = threading.Event()
+        self.sup.post(("call", fn, done))
+        while not done.wait(0.5):
+            if self.sup.ended:
+                return
+
+    def stop_listening(self) -> None:
+        """Accept no one new (a drain); connected clients stay."""
+        self.call(self._close_listeners)
+
+    def close(self) -> None:
+        """After the loop has ended: close every socket."""
+        self._close_listeners()
+        for conn in list(self.conns.values()):
+            conn.close()
+
+    # -- the loop's side -----------------------------------------------------------
+    def attach(self) -> None:
+        self.poller = self.sup.backend.poller
+        self.sup.front = self
+        for fd in self.listeners:
+            self.poller.register(fd, _IN)
+
+    def _close_listeners(self) -> None:
+        for fd, (sock, _) in list(self.listeners.items()):
+            if self.poller is not None:
+                try:
+                    self.poller.unregister(fd)
+                except (KeyError, ValueError, OSError):
+                    pass
+            sock.close()
+        self.listeners.clear()
+
+    def collect(self, ready: list[tuple[int, int]]) -> None:
+        """Serve the sockets the loop's poll found ready (called once per turn)."""
+        for fd, ev in ready:
+            conn = self.conns.get(fd)
+            if conn is not None:
+                if ev & _OUT:
+                    conn.flush()
+                if ev & ~_OUT:  # data, hang-up or error: a read tells which
+                    conn.readable()
+            elif fd in self.listeners:
+                self._accept(*self.listeners[fd])
+
+    def _accept(self, listener: socket.socket, tcp: bool) -> None:
+        while True:
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept_failed", error=str(e))
+                return
+            sock.setblocking(False)
+            if tcp:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(self, sock, tcp, str(addr) if tcp else "unix")
+            self.conns[conn.fd] = conn
+            self.poller.register(conn.fd, _IN)
+            if not tcp:
+                refusal = self.check_peer(sock)
+                if refusal:
+                    conn.fail(refusal, kind="PermissionError", close=True)
+
+    def check_peer(self, sock: socket.socket) -> str:
+        """Why a Unix-socket peer is refused ("" if it is allowed)."""
+        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        if uid in self.allow_users or (self.allow_groups and _in_groups(uid, gid, self.allow_groups)):
+            return ""
+        return f"user {uid} (pid {pid}) is not allowed to use this service"
+
+    def flush(self) -> None:
+        """End of a turn: outcomes settled this turn go out, and every buffer is written."""
+        if self.settled:
+            batch = list(self.settled)
+            self.settled.clear()
+            if not self.mute:
+                self._deliver(batch)
+        while self.dirty:
+            self.dirty.pop().flush()
+
+    # -- requests --------------------------------------------------------------
+    def handle(self, conn: Connection, msg: Any) -> None:
+        t = type(msg)
+        if t is p.Submit:
+            if msg.fns:
+                if len(conn.fns) + len(msg.fns) > p.MAX_FNS:
+                    self.answer_submit(conn, p.Rejected("ValueError", f"a connection may define at most {p.MAX_FNS} functions"))
+                    return
+                conn.fns.update(msg.fns)
+            self.submit(conn, msg.jobs)
+        elif t is p.Watch:
+            self.watch(conn, msg)
+        elif t is p.Hello:
+            conn.fail("Hello sent twice")
+        else:
+            handler = _HANDLERS.get(t)
+            if handler is None:
+                conn.fail(f"{t.__name__} is not a request", getattr(msg, "ref", 0))
+                return
+            try:
+                reply: Any = p.Answer(msg.ref, handler(self, msg))
+            except Exception as e:
+                known = isinstance(e, (KeyError, ValueError, TypeError, PermissionError, FileNotFoundError))
+                text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+                reply = p.Failure(msg.ref, type(e).__name__ if known else "PoolError", text)
+            conn.send(reply)
+
+    def adopt(self, fut: JobFuture) -> None:
+        """Owe ``fut``'s outcome to the clients watching it."""
+        fut._on_settle = self.settled.append
+
+    def answer_submit(self, conn: Connection, reply: Any) -> None:
+        """A Submit's answer, in Submit order: under ``fsync="always"`` an Accepted waits for
+        its records to be durable, so every answer waits its turn behind the ones before."""
+        if self.sup._hold is not None:
+            self.sup._hold(("ack", _Later(conn, reply)))
+        else:
+            conn.send(reply)
+
+    def submit(self, conn: Connection, specs: list[p.JobSpec]) -> None:
+        if self.draining or self.pool._closed:
+            self.answer_submit(conn, p.Rejected("PoolError", "the service is stopping and accepts no new jobs"))
+            return
+        try:
+            jobs, futures = self.build(specs, conn.fns)
+        except (TypeError, ValueError) as e:
+            self.answer_submit(conn, p.Rejected(type(e).__name__, str(e)))
+            return
+        ids = [f.job_id for f in futures]
+        for f in futures:
+            self.futures[f.job_id] = f
+            self._watch(f.job_id, conn)
+        sup = self.sup
+        now = time.monotonic()
+        for job in jobs:
+            sup._admit(job, now)
+        self.answer_submit(conn, p.Accepted(ids))
+        for f in futures:
+            if f.done() and f not in self.settled:  # a key that had finished: its result now
+                self.settled.append(f)
+
+    def build(self, specs: list[p.JobSpec], fns: dict[int, bytes]) -> tuple[list[Job], list[JobFuture]]:
+        """Jobs from a client's specs, all checked before any is made (all or nothing)."""
+        pool = self.pool
+        calls: list[bytes] = []
+        for i, s in enumerate(specs):
+            try:
+                calls.append(_check_spec(s, pool, fns))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"job {i} of the batch: {e}") from None
+        jobs: list[Job] = []
+        futures: list[JobFuture] = []
+        for s, fn in zip(specs, calls):
+            if s.key is not None:
+                known = pool._keyed_future(s.key)
+                if known is not None:
+                    self.adopt(known)
+                    futures.append(known)
+                    continue
+            fut = JobFuture()
+            fut._on_settle = self.settled.append
+            fut.job_id = next(pool._ids)
+            job = Job(fut.job_id, fut, s.label, fn, s.flags, s.args, b"", s.options, s.key)
+            job.not_before = s.not_before
+            if s.deps:
+                job.deps, job.dep_policy = tuple(s.deps), s.dep_policy
+            if s.key is not None:
+                winner = pool._claim_key(job)
+                if winner is not fut:
+                    self.adopt(winner)
+                    futures.append(winner)
+                    continue
+            jobs.append(job)
+            futures.append(fut)
+        return jobs, futures
+
+    def watch(self, conn: Connection, msg: p.Watch) -> None:
+        """A reconnected client's jobs: push the outcomes of finished ones, subscribe to the rest;
+        answer with the ids this service does not know."""
+        unknown: list[int] = []
+        found: list[p.Outcome] = []
+        ready: list[JobFuture] = []
+        for job_id in msg.jobs:
+            fut = self.futures.get(job_id) or self.sent.get(job_id)
+            if fut is not None:
+                self._watch(job_id, conn)
+                if fut.done():
+                    ready.append(fut)
+                continue
+            stored = self.sup._stored(job_id)  # finished before this process started
+            if stored is None:
+                unknown.append(job_id)
+            else:
+                found.append(_stored_outcome(job_id, *stored))
+        conn.send(p.Answer(msg.ref, unknown))
+        if found:
+            conn.send(p.Outcomes(found))
+        self._deliver(ready)
+
+    # -- outcomes ----------------------------------------------------------------
+    def _watch(self, job_id: int, conn: Connection) -> None:
+        conns = self.watchers.get(job_id)
+        if conns is None:
+            self.watchers[job_id] = [conn]
+        elif conn not in conns:
+            conns.append(conn)
+
+    def _deliver(self, futures: list[JobFuture]) -> None:
+        by_conn: dict[Connection, list[p.Outcome]] = {}
+        sizes: dict[Connection, int] = {}
+        for fut in futures:
+            job_id = fut.job_id
+            conns = [c for c in self.watchers.get(job_id, ()) if not c.closed]
+            if not conns:
+                continue  # nobody listening: it waits in self.futures for a Watch
+            self.watchers.pop(job_id, None)
+            out = outcome(fut)
+            for c in conns:
+                items = by_conn.setdefault(c, [])
+                items.append(out)
+                sizes[c] = sizes.get(c, 0) + len(out.payload) + sum(map(len, out.buffers))
+                if sizes[c] > _MAX_OUTCOME_BATCH:
+                    c.send(p.Outcomes(items))
+                    by_conn[c], sizes[c] = [], 0
+            if self.futures.pop(job_id, None) is not None:
+                self.sent[job_id] = fut
+        for c, items in by_conn.items():
+            if items:
+                c.send(p.Outcomes(items))
+        self._trim()
+
+    def _trim(self) -> None:
+        """Keep at most ``keep_results`` outcomes for clients that may come back."""
+        keep = self.keep_results
+        sent = self.sent
+        while len(sent) > keep:
+            sent.popitem(last=False)
+        if len(self.futures) > 2 * keep:  # undelivered: drop the oldest finished ones
+            extra = len(self.futures) - 2 * keep
+            for job_id in [j for j, f in self.futures.items() if f.done()][:extra]:
+                del self.futures[job_id]
+                self.watchers.pop(job_id, None)
+
+
+class _Later:
+    """A reply the loop sends once the turn's records are durable (``fsync="always"``)."""
+
+    __slots__ = ("conn", "reply")
+
+    def __init__(self, conn: Connection, reply: Any) -> None:
+        self.conn, self.reply = conn, reply
+
+    def set(self) -> None:
+        self.conn.send(self.reply)
+
+
+def _stored_outcome(job_id: int, how: str, value: Any) -> p.Outcome:
+    if how == "ok":
+        return p.Outcome(job_id, p.OK, value.payload, value.buffers)
+    if how == "raised":
+        return p.Outcome(job_id, p.RAISED, value)
+    if how == "cancelled":
+        return p.Outcome(job_id, p.CANCELLED)
+    return p.Outcome(job_id, p.ERROR, pickle.dumps(value))
+
+
+def _check_spec(s: p.JobSpec, pool: Any, fns: dict[int, bytes]) -> bytes:
+    """Check one job a client sent; its pickled function."""
+    if s.flags & ~_USER_FLAGS:
+        raise ValueError(f"unknown job flags {s.flags:#x}")
+    fn = s.fn if isinstance(s.fn, bytes) else fns.get(s.fn, b"")
+    if not fn:
+        raise ValueError("the job has no function" if isinstance(s.fn, bytes) else f"function {s.fn} was never defined on this connection")
+    if s.options not in _VALID_OPTIONS:
+        _check_options(s.options)
+    if s.key is not None and isinstance(s.key, int) and not -(1 << 63) <= s.key < (1 << 64):
+        raise ValueError(f"option 'key' must fit in 64 bits, not {s.key}")
+    if not math.isfinite(s.not_before):
+        raise ValueError("the job's start time is not a finite number")
+    if s.dep_policy not in ("cancel", "run"):
+        raise ValueError(f"option 'on_failure' must be 'cancel' or 'run', not {s.dep_policy!r}")
+    for dep in s.deps:
+        if not pool._known(dep):
+            raise ValueError(f"option 'depends_on': no job {dep} in this service")
+    return fn
+
+
+#: job options already checked (a batch's jobs share theirs)
+_VALID_OPTIONS: set[JobOptions] = set()
+
+
+def _check_options(opts: JobOptions) -> None:
+    changes = {f: getattr(opts, f) for f in opts.__struct_fields__ if f != "retries"}
+    make_options(DEFAULT_OPTIONS, changes)  # the same checks, and messages, as pool.options()
+    r = opts.retries
+    RetryPolicy.make(r.retries, backoff=r.backoff, factor=r.factor, max_backoff=r.max_backoff, jitter=r.jitter, on=r.on, crashes=r.crashes, timeouts=r.timeouts)
+    if len(_VALID_OPTIONS) < 4096:
+        _VALID_OPTIONS.add(opts)
+
+
+def _in_groups(uid: int, gid: int, allowed: frozenset[int]) -> bool:
+    if gid in allowed:
+        return True
+    import pwd
+
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return False
+    return any(g in allowed for g in os.getgrouplist(name, gid))
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0660; a stale socket file is replaced,
+    a live one (another server) is an error."""
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listens: left over from a crash
+        else:
+            raise PoolError(f"another server is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o117)  # never a moment with looser permissions
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o660)
+    sock.listen(256)
+    return sock
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=256)
+    return sock
+
+
+# -- control requests: (front, message) -> a msgpack-able answer, on the loop ---------
+def _ask(what: str, *fields: str) -> Callable[[Front, Any], Any]:
+    return lambda f, m: f.sup._asks[what](*(getattr(m, name) for name in fields))
+
+
+def _logs(f: Front, m: p.Logs) -> dict[str, Any]:
+    if not f.log_dir:
+        raise PoolError("this service does not capture job output (no log directory)")
+    path = os.path.join(f.log_dir, f"{m.job}.log")
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, m.offset))
+            data = fh.read(max(0, min(m.limit, f.max_frame // 2)))
+    except FileNotFoundError:
+        data = b""
+        f.sup._show(m.job)  # KeyError for a job the service does not know
+    return {"data": data, "offset": m.offset + len(data), "running": m.job in f.sup.jobs}
+
+
+def _resubmit(f: Front, m: p.Resubmit) -> int:
+    """A resubmitted dead letter's new job: owed to whoever watches it (the client asks next)."""
+    fut = f.sup._asks["resubmit"](m.job, m.options)
+    f.adopt(fut)
+    f.futures[fut.job_id] = fut
+    return int(fut.job_id)
+
+
+def _schedule(f: Front, m: p.Schedule) -> str:
+    """A schedule a client made (its call already pickled), checked as ``cron()`` checks it."""
+    spec = m.spec
+    check_schedule(spec.name, spec.misfire, spec.overlap)
+    if spec.kind == "cron":
+        parse_cron(spec.expr, spec.tz or None)
+    elif spec.kind != "every" or not 0 < spec.every < float("inf"):
+        raise ValueError(f"schedule {spec.name!r}: kind must be 'cron', or 'every' with a positive interval")
+    if spec.options not in _VALID_OPTIONS:
+        _check_options(spec.options)
+    f.sup._asks["schedule"](spec, m.replace)
+    return spec.name
+
+
+def _compact(f: Front, m: p.Compact) -> None:
+    if f.sup.rec is None:
+        raise PoolError("this service has no journal")
+    f.sup.rec.journal.compact()
+
+
+_HANDLERS: dict[type, Callable[[Front, Any], Any]] = {
+    p.Cancel: _ask("cancel", "job", "kill"),
+    p.Reprioritize: _ask("reprioritize", "job", "priority"),
+    p.ListJobs: _ask("list_jobs", "state", "tag", "name"),
+    p.Show: _ask("show", "job"),
+    p.GetStats: lambda f, m: f.sup.snapshot(),
+    p.Status: lambda f, m: {**f.sup._asks["status"](), "clients": len(f.conns), "draining": f.draining},
+    p.Logs: _logs,
+    p.DeadLetters: _ask("dead_letters"),
+    p.Resubmit: _resubmit,
+    p.Purge: _ask("purge", "job"),
+    p.Schedules: _ask("schedules"),
+    p.Unschedule: _ask("unschedule", "name"),
+    p.Pause: _ask("pause", "name", "paused"),
+    p.Trigger: _ask("trigger", "name"),
+    p.Compact: _compact,
+    p.Schedule: _schedule,
+}
