@@ -36,7 +36,6 @@ import socket
 import sys
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
@@ -51,7 +50,7 @@ from .futures import Encoded, EncodedError, JobFuture
 from .jobs import Job
 from .log import get_logger
 from .model import DEFAULT_OPTIONS, JobOptions, Key
-from .submit import _check_key, _label, _Submitter
+from .submit import KeyedFutures, _label, _Submitter
 
 log = get_logger("procsched.client")
 
@@ -151,7 +150,7 @@ class Client(_Submitter, Controls, Executor):
         self._asks: dict[int, Any] = {}  # ref -> [event, reply] or a callback
         self._refs = itertools.count(1)
         self._fns: dict[bytes, int] = {}
-        self._keyed: weakref.WeakValueDictionary[Key, JobFuture] = weakref.WeakValueDictionary()
+        self._keys = KeyedFutures()
         self._closed = False
         self._broken: BaseException | None = None
         self._stopping = threading.Event()
@@ -374,24 +373,8 @@ class Client(_Submitter, Controls, Executor):
         args_bytes = self._encoder.arguments(fn, args, kwargs, in_band=True)[0]
         return Job(0, self._new_future(), opts.name or label or _label(fn), fn_bytes, flags, args_bytes, b"", opts, key)
 
-    def _keyed_future(self, key: Key) -> JobFuture | None:
-        fut = self._keyed.get(key)
-        return fut if fut is not None and not (fut.done() and (fut.cancelled() or fut._exception is not None)) else None
-
-    def _claim_key(self, job: Job) -> JobFuture:
-        assert job.key is not None
-        with self._lock:
-            fut = self._keyed.get(job.key)
-            if fut is not None and not (fut.done() and (fut.cancelled() or fut._exception is not None)):
-                return fut
-            self._keyed[job.key] = job.future
-        return job.future
-
     def _drop(self, jobs: list[Job]) -> None:
-        with self._lock:
-            for job in jobs:
-                if job.key is not None and self._keyed.get(job.key) is job.future:
-                    del self._keyed[job.key]
+        self._keys.drop(jobs)
 
     def _prerequisites(self, given: Any) -> tuple[tuple[int, JobFuture | None], ...]:
         if isinstance(given, (JobFuture, int)) or not hasattr(given, "__iter__"):

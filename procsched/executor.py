@@ -26,7 +26,6 @@ import atexit
 import itertools
 import os
 import threading
-import weakref
 from concurrent.futures import Executor
 from collections.abc import Callable
 from typing import Any
@@ -35,16 +34,16 @@ import msgspec
 
 from .codec import CallEncoder, callable_of
 from .config import load_settings
-from .controls import Controls, _job_id
+from .controls import Controls
 from .errors import PoolError
 from .futures import JobFuture
 from .ipc import oob
 from .jobs import Job
 from .model import DEFAULT_OPTIONS, JobOptions, JournalConfig, Key, PoolConfig
-from .submit import PoolView, _check_key, _discard, _label, _Submitter
+from .submit import KeyedFutures, PoolView, _discard, _label, _Submitter
 from .supervisor import Supervisor
 
-__all__ = ["Pool", "PoolView", "_check_key"]
+__all__ = ["Pool", "PoolView"]
 
 
 class Pool(_Submitter, Controls, Executor):
@@ -90,7 +89,7 @@ class Pool(_Submitter, Controls, Executor):
         self._sup = Supervisor(self._config, self._prefix, _journal_config(journal))
         self._ids = itertools.count(self._sup.first_job_id)
         self._sup.new_id = self._ids.__next__  # (a schedule's firings are jobs too)
-        self._keyed: weakref.WeakValueDictionary[Key, JobFuture] = weakref.WeakValueDictionary()
+        self._keys = KeyedFutures()
         rec = self._sup.rec
         self._always = rec is not None and rec.always
         self._on_fetch = rec.fetched.append if rec is not None and rec.drop_fetched else None
@@ -128,28 +127,9 @@ class Pool(_Submitter, Controls, Executor):
             fut._on_fetch = self._on_fetch
         return fut
 
-    def _keyed_future(self, key: Key) -> JobFuture | None:
-        """The future of this process's job with ``key``, unless that job failed or was cancelled."""
-        with self._lock:
-            fut = self._keyed.get(key)
-        return fut if fut is not None and _usable(fut) else None
-
-    def _claim_key(self, job: Job) -> JobFuture:
-        """Register ``job`` as its key's, unless a usable future holds the key already; the one that does."""
-        assert job.key is not None
-        with self._lock:
-            fut = self._keyed.get(job.key)
-            if fut is not None and _usable(fut):
-                return fut
-            self._keyed[job.key] = job.future
-        return job.future
-
     def _drop(self, jobs: list[Job]) -> None:
         """Jobs that will never reach the loop: their argument segments go, their keys are free."""
-        with self._lock:
-            for job in jobs:
-                if job.key is not None and self._keyed.get(job.key) is job.future:
-                    del self._keyed[job.key]
+        self._keys.drop(jobs)
         _discard(jobs)
 
     def _prerequisites(self, given: Any) -> tuple[tuple[int, JobFuture | None], ...]:
@@ -344,11 +324,6 @@ def _in_flight(sup: Supervisor, job_id: int) -> bool:
         if any(j.id == job_id for j in jobs):
             return True
     return False
-
-
-def _usable(fut: JobFuture) -> bool:
-    """A keyed future a new submit may share: not failed, not cancelled."""
-    return not (fut.done() and (fut.cancelled() or fut._exception is not None))
 
 
 def _journal_config(journal: str | os.PathLike[str] | JournalConfig | None) -> JournalConfig | None:

@@ -383,7 +383,7 @@ class Front:
         futures: list[JobFuture] = []
         for s, fn in zip(specs, calls):
             if s.key is not None:
-                known = pool._keyed_future(s.key)
+                known = pool._keys.get(s.key)
                 if known is not None:
                     self.adopt(known)
                     futures.append(known)
@@ -396,7 +396,7 @@ class Front:
             if s.deps:
                 job.deps, job.dep_policy = tuple(s.deps), s.dep_policy
             if s.key is not None:
-                winner = pool._claim_key(job)
+                winner = pool._keys.claim(job)
                 if winner is not fut:
                     self.adopt(winner)
                     futures.append(winner)

@@ -152,7 +152,7 @@ def serve(config: str | None = None, **flags: Any) -> int:
     logs.configure(service.log_level, json_logs)
     notifier = Notifier.from_env()
     try:
-        return _run(pool_settings, journal, service, notifier, config)
+        return _run(pool_settings, journal, service, notifier, config, flags)
     except ConfigError as e:  # settings a restart cannot fix: exit 2 (the unit does not restart on it)
         log.error("serve_failed", error=str(e))
         print(f"procsched serve: {e}", file=sys.stderr)
@@ -188,7 +188,7 @@ class _Signals:
         self.wake.set()
 
 
-def _run(pool_settings: dict[str, Any], journal: JournalConfig | None, service: ServiceConfig, notifier: Any, config: str | None) -> int:
+def _run(pool_settings: dict[str, Any], journal: JournalConfig | None, service: ServiceConfig, notifier: Any, config: str | None, flags: dict[str, Any]) -> int:
     from .executor import Pool
     from .server import Front, bind_tcp, bind_unix
     from .systemd import listen_fds, watchdog_interval
@@ -245,7 +245,7 @@ def _run(pool_settings: dict[str, Any], journal: JournalConfig | None, service: 
             signals.wake.clear()
             if signals.reload and not signals.stop:
                 signals.reload = False
-                _reload(pool, config, notifier)
+                _reload(pool, config, flags, notifier)
             elif notifier is not None:
                 notifier.status(_status(pool))
         _drain(pool, front, service, notifier, journal is not None)
@@ -297,12 +297,13 @@ def _drain(pool: Any, front: Any, service: ServiceConfig, notifier: Any, journal
     log.info("stopped")
 
 
-def _reload(pool: Any, config: str | None, notifier: Any) -> None:
-    """SIGHUP: the log level and the pool's limits, from the settings file again."""
+def _reload(pool: Any, config: str | None, flags: dict[str, Any], notifier: Any) -> None:
+    """SIGHUP: the log level, the worker count and the pool's limits, from the settings
+    file again (the environment and the command line still override it)."""
     if notifier is not None:
         notifier.reloading()
     try:
-        pool_settings, _, service = settings(config, {})
+        pool_settings, _, service = settings(config, flags)
         logs.configure(service.log_level, logs.json_enabled())
         changed = pool.reconfigure(pool_settings)
         log.info("reloaded", changed=",".join(changed) or None)

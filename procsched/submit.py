@@ -10,7 +10,9 @@ over a socket. So the methods users call live here once, written against
 from __future__ import annotations
 
 import datetime
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
 
@@ -28,17 +30,52 @@ T = TypeVar("T")
 _MAX_CHUNK = 10_000
 
 
+class KeyedFutures:
+    """The futures of this process's keyed jobs, by key (held weakly: a dropped future frees it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_key: weakref.WeakValueDictionary[Key, JobFuture] = weakref.WeakValueDictionary()
+
+    def get(self, key: Key) -> JobFuture | None:
+        """The future of the job with ``key``, unless that job failed or was cancelled."""
+        with self._lock:
+            fut = self._by_key.get(key)
+        return fut if fut is not None and _usable(fut) else None
+
+    def claim(self, job: Job) -> JobFuture:
+        """Register ``job`` as its key's, unless a usable future holds the key already; the one that does."""
+        assert job.key is not None
+        with self._lock:
+            fut = self._by_key.get(job.key)
+            if fut is not None and _usable(fut):
+                return fut
+            self._by_key[job.key] = job.future
+        return job.future
+
+    def drop(self, jobs: list[Job]) -> None:
+        """Jobs that will never run: their keys are free again."""
+        with self._lock:
+            for job in jobs:
+                if job.key is not None and self._by_key.get(job.key) is job.future:
+                    del self._by_key[job.key]
+
+
+def _usable(fut: JobFuture) -> bool:
+    """A keyed future a new submit may share: not failed, not cancelled."""
+    return not (fut.done() and (fut.cancelled() or fut._exception is not None))
+
+
 class Front(Protocol):
     """What a front door gives the shared methods."""
 
     _encoder: CallEncoder
     _max_workers: int
+    _keys: KeyedFutures
 
     def _check_open(self) -> None: ...
     def _make_job(self, opts: JobOptions, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], label: str | None = None, key: Key | None = None) -> Job: ...
     def _new_future(self) -> JobFuture: ...
-    def _keyed_future(self, key: Key) -> JobFuture | None: ...
-    def _claim_key(self, job: Job) -> JobFuture: ...
     def _drop(self, jobs: list[Job]) -> None: ...
     def _post(self, jobs: list[Job]) -> None: ...
     def _prerequisites(self, given: Any) -> tuple[tuple[int, JobFuture | None], ...]: ...
@@ -108,13 +145,13 @@ class _Submitter:
         pool = self._pool
         pool._check_open()
         if self._key is not None:
-            known = pool._keyed_future(self._key)
+            known = pool._keys.get(self._key)
             if known is not None:
                 return known
         job = pool._make_job(self._opts, fn, args, kwargs, key=self._key)
         self._stamp([job])
         if job.key is not None:
-            winner = pool._claim_key(job)
+            winner = pool._keys.claim(job)
             if winner is not job.future:  # another thread submitted the key meanwhile
                 job.release_args()
                 return winner
@@ -198,10 +235,10 @@ class _Submitter:
             for args in calls:
                 k = key(*args) if star else key(args)
                 _check_key(k)
-                known = pool._keyed_future(k)
+                known = pool._keys.get(k)
                 if known is None:
                     job = pool._make_job(self._opts, fn, args if star else (args,), {}, key=k)
-                    known = pool._claim_key(job)
+                    known = pool._keys.claim(job)
                     if known is job.future:
                         jobs.append(job)
                     else:

@@ -23,7 +23,7 @@ START_TIMEOUT = 30.0
 class Service:
     """One service's settings and state directory; it may be started, killed and started again."""
 
-    def __init__(self, root: Path, workers: int = 2, config: str = "", env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+    def __init__(self, root: Path, workers: int | None = 2, config: str = "", env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.socket = str(root / "s.sock")
@@ -41,7 +41,9 @@ class Service:
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "procsched", "serve", "--socket", self.socket, "--state-dir", str(self.state),
-               "--workers", str(self.workers), "--log-format", "json", "--log-level", "info", *self.args]  # fmt: skip
+               "--log-format", "json", "--log-level", "info", *self.args]  # fmt: skip
+        if self.workers is not None:
+            cmd += ["--workers", str(self.workers)]
         if self.config_path:
             cmd += ["--config", self.config_path]
         return cmd

@@ -12,7 +12,6 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import await_file, wait_for

@@ -32,7 +32,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import await_file, wait_for
+from conftest import wait_for
 from jobfns import gated
 
 import procsched

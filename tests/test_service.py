@@ -167,6 +167,34 @@ def test_systemd_notify_ready_status_watchdog_stopping(tmp_path: Path) -> None:
         listener.close()
 
 
+def test_sighup_reloads_the_worker_count_and_limits(tmp_path: Path) -> None:
+    path = str(tmp_path / "notify")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(10)
+    svc = Service(tmp_path, workers=None, config="[pool]\nmax_workers = 1\n", env={"NOTIFY_SOCKET": path})
+    with svc, procsched.connect(svc.address, progress=False) as client:
+        assert len(client.status()["workers"]) == 1
+        Path(svc.config_path).write_text("[pool]\nmax_workers = 3\nmax_tasks_per_child = 5\n")
+        svc.proc.send_signal(signal.SIGHUP)
+        seen = []
+        while not any("READY=1" in m and "MAINPID" not in m for m in seen):
+            seen.append(listener.recv(4096).decode())
+        assert any("RELOADING=1" in m and "MONOTONIC_USEC=" in m for m in seen), seen
+        wait_for(lambda: [w["state"] for w in client.status()["workers"]] == ["ready"] * 3, 20, "three workers")
+        pids = {client.submit(os.getpid).result(10) for _ in range(20)}
+        assert len(pids) >= 2  # max_tasks_per_child = 5 recycles them too
+        Path(svc.config_path).write_text("[pool]\nmax_workers = 1\n")
+        svc.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(client.status()["workers"]) == 1, 20, "back to one worker")
+        assert client.submit(square, 3).result(10) == 9
+        Path(svc.config_path).write_text("[pool]\nmax_workers = 'many'\n")  # a bad file: keeps running as it was
+        svc.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload_failed" in svc.output(), 10, "the reload to be refused")
+        assert client.submit(square, 4).result(10) == 16
+    listener.close()
+
+
 def test_socket_is_0660_and_a_peer_that_is_not_allowed_is_refused(tmp_path: Path) -> None:
     if os.getuid() != 0:
         pytest.skip("needs root to run a client as another user")
