@@ -8,7 +8,7 @@ classes defined in a notebook cell travel by value) and sent to the
 service; the future resolves when the service pushes the outcome.
 
 One thread reads the socket (``procsched-client``); callers write to it
-under ``_lock``. Submits are pipelined: ``submit()`` returns once its frame
+under ``_sending``. Submits are pipelined: ``submit()`` returns once its frame
 is written, and the service answers each Submit frame, in order, with the
 jobs' ids (``Accepted``). A future's ``job_id`` waits for that answer.
 
@@ -96,7 +96,7 @@ class RemoteFuture(JobFuture):
 
     _client: Client
     _id = 0
-    _spec: p.JobSpec | None = None  # kept until settled: the job is sent again if the service lost it
+    _job: Job | None = None  # kept until settled: the job is sent again if the service lost it
 
     @property
     def job_id(self) -> int:
@@ -139,7 +139,8 @@ class Client(_Submitter, Controls, Executor):
         self._pool = self
         self._opts = DEFAULT_OPTIONS
         self._encoder = CallEncoder()
-        self._lock = threading.Lock()  # the socket's sending side, _unacked, _fns
+        self._sending = threading.Lock()  # the socket's writing side (and _fns): whole frames, in order
+        self._lock = threading.Lock()  # _unacked, _outbox
         self._ids_known = threading.Condition(self._lock)
         self._unacked: deque[list[RemoteFuture]] = deque()  # Submits without an answer yet, in order
         self._outbox: list[RemoteFuture] = []  # jobs not yet sent (see _queue)
@@ -246,8 +247,8 @@ class Client(_Submitter, Controls, Executor):
                     else:
                         self._pending[job_id] = fut
                 self._ids_known.notify_all()
-                if self._outbox:
-                    self._flush_outbox()
+            if self._outbox:
+                self._flush_outbox()
             early = self._early
             if early:
                 for job_id in msg.jobs:
@@ -258,11 +259,11 @@ class Client(_Submitter, Controls, Executor):
             with self._lock:
                 futures = self._unacked.popleft()
                 self._ids_known.notify_all()
-                if self._outbox:
-                    self._flush_outbox()
+            if self._outbox:
+                self._flush_outbox()
             err = _error(msg.kind, msg.message)
             for fut in futures:
-                fut._spec = None
+                fut._job = None
                 if fut.set_running_or_notify_cancel():
                     fut.set_exception(err)
         elif t is p.Answer or t is p.Failure:
@@ -298,7 +299,7 @@ class Client(_Submitter, Controls, Executor):
                 delay = min(delay * 2, 1.0)
         else:
             return False
-        with self._lock:
+        with self._sending, self._lock:  # (no frame is half on the old socket and half on the new)
             same = welcome.epoch == self._epoch
             self._sock = sock
             self._welcome(welcome)
@@ -334,7 +335,7 @@ class Client(_Submitter, Controls, Executor):
         self._resend(lost)
 
     def _resend(self, futures: list[RemoteFuture]) -> None:
-        futures = [f for f in futures if not f.done() and f._spec is not None]
+        futures = [f for f in futures if not f.done() and f._job is not None]
         if futures:
             self._queue(futures)
 
@@ -352,7 +353,7 @@ class Client(_Submitter, Controls, Executor):
         self._connected.set()  # wake senders: they see _broken
 
     def _send(self, data: bytes) -> None:
-        with self._lock:
+        with self._sending:
             self._sock.sendall(data)
 
     # -- what the shared methods need (submit.Front) ----------------------------------
@@ -392,11 +393,11 @@ class Client(_Submitter, Controls, Executor):
     def _post(self, jobs: list[Job]) -> None:
         limit = self._max_frame - 4096
         for job in jobs:
-            deps = [*job.deps, *(f.job_id for f in job.dep_futures)]
-            spec = p.JobSpec(job.fn, job.flags, job.args, job.label, job.opts, job.key, job.not_before, deps, job.dep_policy)
-            if len(job.args) + len(job.fn) + 4096 > limit:
+            if len(job.args) + len(job.fn) > limit:
                 raise ValueError(f"job {job.label}: its call pickles to {len(job.args) + len(job.fn)} bytes, over the service's frame limit of {self._max_frame}")
-            job.future._spec = spec  # type: ignore[attr-defined]
+            if job.dep_futures:  # their ids, once the service has accepted them (read here, not by the reader)
+                job.deps, job.dep_futures = (*job.deps, *(f.job_id for f in job.dep_futures)), ()
+            job.future._job = job  # type: ignore[attr-defined]
         if not self._connected.is_set():
             self._connected.wait(self._reconnect_s)
         self._check_open()
@@ -405,47 +406,59 @@ class Client(_Submitter, Controls, Executor):
     def _queue(self, futures: list[RemoteFuture]) -> None:
         """Jobs to send: at once while fewer than ``_IN_FLIGHT`` Submits await their answer,
         else with the next answer, together (a burst of submits becomes a few large frames)."""
+        size = 0
+        for fut in futures:
+            size += len(fut._job.args)  # type: ignore[union-attr]
         with self._lock:
-            self._outbox.extend(futures)
-            self._outbox_bytes += sum(len(f._spec.args) for f in futures if f._spec is not None)
-            if len(self._unacked) < _IN_FLIGHT or self._outbox_bytes > _OUTBOX_BYTES:
-                self._flush_outbox()
+            self._outbox += futures
+            self._outbox_bytes += size
+            now = len(self._unacked) < _IN_FLIGHT or self._outbox_bytes > _OUTBOX_BYTES
+        if now:
+            self._flush_outbox()
 
     def _flush_outbox(self) -> None:
-        """Send what waits in the outbox as Submit frames, each under the frame limit (``_lock`` held)."""
-        futures, self._outbox, self._outbox_bytes = self._outbox, [], 0
-        futures = [f for f in futures if not f.done()]
-        if not futures:
-            return
-        limit = self._max_frame - 4096
-        fns = self._fns
-        start, size = 0, 0
-        defs: dict[int, bytes] = {}
-        wire: list[p.JobSpec] = []
-        try:
+        """Send what waits in the outbox as Submit frames, each under the frame limit.
+
+        Under ``_sending`` (the socket's writing side) from taking the outbox to the
+        last write: the order of ``_unacked`` is the order of the frames on the wire.
+        """
+        with self._sending:
+            with self._lock:
+                futures, self._outbox, self._outbox_bytes = self._outbox, [], 0
+            futures = [f for f in futures if not f.done()]
+            if not futures:
+                return
+            limit = self._max_frame - 4096
+            fns = self._fns
+            start, size = 0, 0
+            defs: dict[int, bytes] = {}
+            wire: list[p.JobSpec] = []
+            out: list[tuple[list[RemoteFuture], bytes]] = []
             for i, fut in enumerate(futures):
-                spec = fut._spec
-                assert spec is not None
-                fn = spec.fn
-                if type(fn) is bytes:
-                    ref = fns.get(fn)
-                    if ref is None and len(fns) < _FN_CACHE and len(fn) > 64:
-                        ref = fns[fn] = len(fns) + 1
-                        defs[ref] = fn
-                        size += len(fn)
-                    if ref is not None:
-                        spec = p.JobSpec(ref, spec.flags, spec.args, spec.label, spec.options, spec.key, spec.not_before, spec.deps, spec.dep_policy)
-                cost = len(spec.args) + len(spec.label) + (len(spec.fn) if isinstance(spec.fn, bytes) else 0) + 256
+                job = fut._job
+                assert job is not None
+                fn: bytes | int = job.fn
+                ref = fns.get(job.fn)
+                if ref is None and len(fns) < _FN_CACHE and len(job.fn) > 64:
+                    ref = fns[job.fn] = len(fns) + 1
+                    defs[ref] = job.fn
+                    size += len(job.fn)
+                if ref is not None:
+                    fn = ref
+                cost = len(job.args) + len(job.label) + (0 if ref else len(job.fn)) + 256
                 if wire and size + cost > limit:
-                    self._unacked.append(futures[start:i])
-                    self._sock.sendall(p.frame(p.Submit(wire, defs)))
+                    out.append((futures[start:i], p.frame(p.Submit(wire, defs))))
                     start, size, defs, wire = i, 0, {}, []
-                wire.append(spec)
+                wire.append(p.JobSpec(fn, job.flags, job.args, job.label, job.opts, job.key, job.not_before, list(job.deps), job.dep_policy))
                 size += cost
-            self._unacked.append(futures[start:])
-            self._sock.sendall(p.frame(p.Submit(wire, defs)))
-        except OSError:
-            pass  # the connection dropped: what was not answered is sent again on reconnecting
+            out.append((futures[start:], p.frame(p.Submit(wire, defs))))
+            with self._lock:
+                self._unacked.extend(batch for batch, _ in out)
+            try:
+                for _, data in out:
+                    self._sock.sendall(data)
+            except OSError:
+                pass  # the connection dropped: what was not answered is sent again on reconnecting
 
     def _await_id(self, fut: RemoteFuture) -> None:
         end = time.monotonic() + self._timeout + self._reconnect_s
@@ -553,7 +566,7 @@ class Client(_Submitter, Controls, Executor):
 
 
 def _settle(fut: RemoteFuture, o: p.Outcome) -> None:
-    fut._spec = None
+    fut._job = None
     if o.status == p.CANCELLED:
         if Future.cancel(fut):  # (not RemoteFuture.cancel: the service has cancelled it already)
             fut.notify_cancelled()

@@ -10,6 +10,7 @@ stderr). Each event renders as ``event key=value ...`` for a terminal;
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -24,6 +25,7 @@ def _render(logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
     if _json:  # one object per line: the event, its fields (job, attempt, pid ...), level and logger
         event["level"] = method
         event["logger"] = getattr(logger, "name", "")
+        event["ts"] = round(time.time(), 6)
         return msgspec.json.encode({k: v for k, v in event.items() if v is not None}, enc_hook=str).decode()
     name = event.pop("event", "")
     parts = [str(name)]

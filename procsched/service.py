@@ -279,12 +279,12 @@ def _status(pool: Any) -> str:
 def _drain(pool: Any, front: Any, service: ServiceConfig, notifier: Any, journaled: bool) -> None:
     """Accept nothing new, start nothing new, give running jobs until the deadline, stop."""
     running = pool.running()
-    log.info("draining", running=running, queued=pool.stats()["queued"], deadline_s=service.drain_timeout)
     if notifier is not None:
         notifier.stopping(f"draining: {running} running")
     front.draining = True
     front.stop_listening()
     pool.drain()
+    log.info("draining", running=pool.running(), queued=pool.stats()["queued"], deadline_s=service.drain_timeout)
     end = time.monotonic() + service.drain_timeout
     while pool.running() and time.monotonic() < end:
         time.sleep(0.01)  # (the loop owns the jobs; a turn-old count is all this needs)

@@ -566,7 +566,7 @@ class Supervisor(Requests):
         retry = job.opts.retries
         if policy.should_retry(retry, job.attempt, kind, types):
             delay = policy.backoff(retry, job.attempt, self._rng.random())
-            log.info("retry", job=job.id, name=job.label, attempt=job.attempt, kind=kind, error=describe(error), delay=round(delay, 3))
+            log.info("retry", job=job.id, name=job.label, attempt=job.attempt, kind=kind, pid=getattr(error, "pid", None), error=describe(error), delay=round(delay, 3))
             if self.rec is not None:
                 self.rec.failed(job, kind, error, delay)
             self.stats.retried += 1
@@ -575,7 +575,7 @@ class Supervisor(Requests):
             self._timer(now + delay, _RETRY, job.id)
             return
         if kind == policy.CRASH:
-            log.warning("job_crashed", job=job.id, name=job.label, attempt=job.attempt, error=str(error))
+            log.warning("job_crashed", job=job.id, name=job.label, attempt=job.attempt, pid=getattr(error, "pid", None), error=str(error))
         if self.rec is not None:
             self.rec.failed(job, kind, error, None)
         if kind != policy.ERROR:  # out of attempts after a crash or a timeout: kept to inspect and resubmit

@@ -48,6 +48,10 @@ def test_submit_map_and_errors_travel_by_value(svc: Service) -> None:
         with pytest.raises(procsched.WorkerCrashed) as info:
             crashed.result(10)
         assert info.value.exitcode == 7
+        events = [json.loads(line) for line in svc.output().splitlines() if line.startswith("{")]
+        crashed_log = next(e for e in events if e["event"] == "job_crashed")  # JSON logs: the job's fields
+        assert (crashed_log["job"], crashed_log["attempt"], crashed_log["pid"]) == (crashed.job_id, 1, info.value.pid)
+        assert crashed_log["level"] == "warning" and crashed_log["ts"] > 0
         with pytest.raises(procsched.JobTimeout):
             client.options(timeout=0.2).submit(slow_square, 3, 30).result(20)
         assert client.submit("svcjobs:square", 9).result(10) == 81  # by import path
@@ -195,6 +199,7 @@ def test_sighup_reloads_the_worker_count_and_limits(tmp_path: Path) -> None:
     listener.close()
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # the child only connects and exits
 def test_socket_is_0660_and_a_peer_that_is_not_allowed_is_refused(tmp_path: Path) -> None:
     if os.getuid() != 0:
         pytest.skip("needs root to run a client as another user")
