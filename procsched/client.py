@@ -38,7 +38,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from concurrent.futures import wait as wait_futures
 from typing import Any
 
@@ -100,7 +100,8 @@ class RemoteFuture(JobFuture):
 
     @property
     def job_id(self) -> int:
-        if self._id == 0:
+        """The service's id for the job: waits for the service to accept it (0: not submitted yet)."""
+        if self._id == 0 and self._job is not None:
             self._client._await_id(self)
         return self._id
 
@@ -117,8 +118,7 @@ class RemoteFuture(JobFuture):
             return False
         if not client._ask("cancel", self.job_id, False):
             return False
-        if super().cancel():
-            self.set_running_or_notify_cancel()
+        self.cancel_running()  # (the service's CANCELLED outcome may have done it already: idempotent)
         return True
 
     def __repr__(self) -> str:
@@ -144,6 +144,7 @@ class Client(_Submitter, Controls, Executor):
         self._ids_known = threading.Condition(self._lock)
         self._unacked: deque[list[RemoteFuture]] = deque()  # Submits without an answer yet, in order
         self._outbox: list[RemoteFuture] = []  # jobs not yet sent (see _queue)
+        self._held: list[RemoteFuture] = []  # refused by a stopping service: sent to the next one
         self._outbox_bytes = 0
         self._pending: dict[int, RemoteFuture] = {}  # accepted, unfinished jobs by id
         self._twins: dict[int, list[RemoteFuture]] = {}  # more futures of one id (a key submitted twice)
@@ -205,6 +206,13 @@ class Client(_Submitter, Controls, Executor):
         self._fns = {}
 
     def _read_loop(self) -> None:
+        try:
+            self._read()
+        except BaseException as e:  # a bug of ours: the futures must not wait forever
+            log.exception("client_reader_failed", error=repr(e))
+            self._give_up(PoolError(f"the client's reader failed: {e!r}"))
+
+    def _read(self) -> None:
         buf = bytearray(1 << 20)  # reused: no allocation per read
         view = memoryview(buf)
         while True:
@@ -238,15 +246,20 @@ class Client(_Submitter, Controls, Executor):
                 for twin in twins.pop(o.job, ()) if twins else ():
                     _settle(twin, o)
         elif t is p.Accepted:
+            refused = msg.errors
             with self._lock:
                 futures = self._unacked.popleft()
-                for fut, job_id in zip(futures, msg.jobs):
+                for i, (fut, job_id) in enumerate(zip(futures, msg.jobs)):
+                    if i in refused:
+                        continue
                     fut._id = job_id
                     if job_id in self._pending:
                         self._twins.setdefault(job_id, []).append(fut)
                     else:
                         self._pending[job_id] = fut
                 self._ids_known.notify_all()
+            for i, (kind, message) in refused.items():
+                _fail(futures[i], _error(kind, message))
             if self._outbox:
                 self._flush_outbox()
             early = self._early
@@ -258,14 +271,15 @@ class Client(_Submitter, Controls, Executor):
         elif t is p.Rejected:
             with self._lock:
                 futures = self._unacked.popleft()
+                if msg.kind == p.UNAVAILABLE:  # the service is stopping: these go to the next one
+                    self._held += futures
                 self._ids_known.notify_all()
+            if msg.kind != p.UNAVAILABLE:
+                err = _error(msg.kind, msg.message)
+                for fut in futures:
+                    _fail(fut, err)
             if self._outbox:
                 self._flush_outbox()
-            err = _error(msg.kind, msg.message)
-            for fut in futures:
-                fut._job = None
-                if fut.set_running_or_notify_cancel():
-                    fut.set_exception(err)
         elif t is p.Answer or t is p.Failure:
             slot = self._asks.pop(msg.ref, None)
             if callable(slot):
@@ -291,7 +305,7 @@ class Client(_Submitter, Controls, Executor):
             try:
                 sock, welcome = self._dial()
                 break
-            except (OSError, p.ProtocolError) as e:
+            except Exception as e:  # not there yet, or refusing us (a restarting service): try again
                 if time.monotonic() >= deadline:
                     self._give_up(PoolError(f"lost the connection to the service at {self.address} and could not reconnect: {e}"))
                     return False
@@ -299,15 +313,21 @@ class Client(_Submitter, Controls, Executor):
                 delay = min(delay * 2, 1.0)
         else:
             return False
+        if self._stopping.is_set():  # closed while we dialled
+            sock.close()
+            return False
         with self._sending, self._lock:  # (no frame is half on the old socket and half on the new)
             same = welcome.epoch == self._epoch
             self._sock = sock
             self._welcome(welcome)
-            unsent = [fut for batch in self._unacked for fut in batch] + self._outbox
+            unsent = self._held + [fut for batch in self._unacked for fut in batch] + self._outbox
             self._unacked.clear()
-            self._outbox, self._outbox_bytes = [], 0
+            self._held, self._outbox, self._outbox_bytes = [], [], 0
             if not same:  # a service that never knew our jobs: send them all again
                 unsent = [*self._take_pending(), *unsent]
+                for fut in unsent:
+                    if fut._job is not None and fut._job.deps:  # their prerequisites' ids mean nothing there
+                        _fail(fut, PoolError(f"job {fut._id or '?'} depends on jobs of a service that restarted without its journal; submit the chain again"))
         if same and self._pending:
             ref = next(self._refs)
             self._asks[ref] = self._rewatched
@@ -335,21 +355,23 @@ class Client(_Submitter, Controls, Executor):
         self._resend(lost)
 
     def _resend(self, futures: list[RemoteFuture]) -> None:
-        futures = [f for f in futures if not f.done() and f._job is not None]
+        for fut in futures:
+            if fut._job is None:  # made by the service (a resubmitted dead letter): no bytes to send again
+                _fail(fut, PoolError(f"the service lost job {fut._id} (it restarted without its journal)"))
+        futures = [f for f in futures if not f.done()]
         if futures:
             self._queue(futures)
 
     def _give_up(self, error: BaseException) -> None:
         self._broken = error
         with self._lock:
-            futures = [f for batch in self._unacked for f in batch] + self._outbox
+            futures = self._held + [f for batch in self._unacked for f in batch] + self._outbox
             self._unacked.clear()
-            self._outbox = []
+            self._held, self._outbox = [], []
             futures += self._take_pending()
             self._ids_known.notify_all()
         for fut in futures:
-            if fut.set_running_or_notify_cancel():
-                fut.set_exception(error)
+            _fail(fut, error)
         self._connected.set()  # wake senders: they see _broken
 
     def _send(self, data: bytes) -> None:
@@ -393,8 +415,9 @@ class Client(_Submitter, Controls, Executor):
     def _post(self, jobs: list[Job]) -> None:
         limit = self._max_frame - 4096
         for job in jobs:
-            if len(job.args) + len(job.fn) > limit:
-                raise ValueError(f"job {job.label}: its call pickles to {len(job.args) + len(job.fn)} bytes, over the service's frame limit of {self._max_frame}")
+            size = len(job.args) + len(job.fn) + 10 * (len(job.deps) + len(job.dep_futures))
+            if size > limit:
+                raise ValueError(f"job {job.label}: it takes {size} bytes to send, over the service's frame limit of {self._max_frame}")
             if job.dep_futures:  # their ids, once the service has accepted them (read here, not by the reader)
                 job.deps, job.dep_futures = (*job.deps, *(f.job_id for f in job.dep_futures)), ()
             job.future._job = job  # type: ignore[attr-defined]
@@ -445,7 +468,7 @@ class Client(_Submitter, Controls, Executor):
                     size += len(job.fn)
                 if ref is not None:
                     fn = ref
-                cost = len(job.args) + len(job.label) + (0 if ref else len(job.fn)) + 256
+                cost = len(job.args) + len(job.label) + (0 if ref else len(job.fn)) + 10 * len(job.deps) + len(str(job.key)) + 512
                 if wire and size + cost > limit:
                     out.append((futures[start:i], p.frame(p.Submit(wire, defs))))
                     start, size, defs, wire = i, 0, {}, []
@@ -461,6 +484,8 @@ class Client(_Submitter, Controls, Executor):
                 pass  # the connection dropped: what was not answered is sent again on reconnecting
 
     def _await_id(self, fut: RemoteFuture) -> None:
+        if threading.current_thread() is self._reader:  # (only the reader could read the answer)
+            raise PoolError("a job's id cannot be read in a done-callback before the service has accepted the job")
         end = time.monotonic() + self._timeout + self._reconnect_s
         with self._lock:
             while fut._id == 0 and not fut.done():
@@ -535,21 +560,31 @@ class Client(_Submitter, Controls, Executor):
             return
         self._closed = True
         with self._lock:
-            futures = [f for batch in self._unacked for f in batch] + self._outbox
+            unsent, self._outbox = self._outbox, []
+            futures = self._held + [f for batch in self._unacked for f in batch]
+        if cancel_futures:
+            for fut in unsent:  # never sent: cancelled here
+                fut._job = None
+                fut.cancel_running()
+        else:
+            futures += unsent
+            if unsent:
+                self._queue(unsent)
         futures += list(self._pending.values()) + [f for fs in list(self._twins.values()) for f in fs]
         if cancel_futures and self._broken is None:
             for fut in futures:
-                if fut._id and not fut.done():
-                    try:
+                try:
+                    if not fut.done() and fut.job_id:  # (waits for the service to have accepted it)
                         self._send(p.frame(p.Cancel(0, fut._id, False)))
-                    except OSError:
-                        break
+                except (OSError, PoolError, TimeoutError):
+                    break
         if wait and self._broken is None:
             wait_futures(futures)
         self.close()
 
     def close(self) -> None:
-        """Disconnect now; the service keeps running this client's jobs."""
+        """Disconnect now. The service keeps running this client's jobs; their futures here
+        fail with ``PoolError`` (naming the job: another client can still ``show`` it)."""
         self._closed = True
         self._stopping.set()
         try:
@@ -559,6 +594,8 @@ class Client(_Submitter, Controls, Executor):
         self._sock.close()
         if threading.current_thread() is not self._reader:
             self._reader.join(5)
+        if self._broken is None:
+            self._give_up(PoolError(f"the client was closed before the job finished; it runs on in the service at {self.address}"))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -568,8 +605,7 @@ class Client(_Submitter, Controls, Executor):
 def _settle(fut: RemoteFuture, o: p.Outcome) -> None:
     fut._job = None
     if o.status == p.CANCELLED:
-        if Future.cancel(fut):  # (not RemoteFuture.cancel: the service has cancelled it already)
-            fut.notify_cancelled()
+        fut.cancel_running()  # (not cancel(): the service has cancelled it already)
         return
     if not fut.set_running_or_notify_cancel():
         return
@@ -583,6 +619,12 @@ def _settle(fut: RemoteFuture, o: p.Outcome) -> None:
         except Exception as e:
             err = PoolError(f"the job failed, and its error could not be read: {e!r}")
         fut.set_exception(err)
+
+
+def _fail(fut: RemoteFuture, error: BaseException) -> None:
+    fut._job = None
+    if not fut.done() and fut.set_running_or_notify_cancel():
+        fut.set_exception(error)
 
 
 def _error(kind: str, message: str) -> Exception:

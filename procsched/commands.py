@@ -369,7 +369,7 @@ def status(c: Client, args: argparse.Namespace, out: TextIO) -> int:
     extra = ", draining" if st.get("draining") else ""
     out.write(f"{c.address}: {len(workers)} workers, {st['running']} running, queued {st['queued_hot']} hot + {st['queued_cold']} cold, "
               f"{_count_of(st.get('clients', 0), 'client')}{extra}\n")  # fmt: skip
-    w, r = stats.get("wait_s", {}), stats.get("run_s", {})
+    w, r = stats.get("wait_s") or {}, stats.get("run_s") or {}  # (None until a job has run)
     out.write(f"throughput {stats.get('throughput_per_s', 0):g} jobs/s; wait p50 {_s(w, 'p50')} p99 {_s(w, 'p99')}; "
               f"run p50 {_s(r, 'p50')} p99 {_s(r, 'p99')}\n")  # fmt: skip
     counts = ("submitted", "succeeded", "failed", "crashed", "timed_out", "cancelled", "retried", "preempted", "dead_letters")

@@ -6,14 +6,14 @@ The ``[pool]`` table holds :class:`~procsched.model.PoolConfig` fields, the
 fields. Each is validated against its Struct, so an unknown key or a value
 of the wrong type is an error that names the key and the file. Range checks
 (a negative grace, a ring too small) happen where the pool is built and name
-the key too. Nothing here reads the environment; ``service.py`` applies the
-environment and flag overrides on top.
+the key too. :func:`service_settings` adds what ``procsched serve`` takes
+from the environment and its flags, which override the file.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
@@ -38,22 +38,22 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     allow_users: list[Union[str, int]] = []
     allow_groups: list[Union[str, int]] = []
     #: the largest frame a client may send, bytes
-    max_frame: int = 64 << 20
+    max_frame: Annotated[int, msgspec.Meta(ge=1 << 16)] = 64 << 20
     #: on SIGTERM, how long running jobs may go on before they are stopped (and re-queued in the journal)
-    drain_timeout: float = 30.0
+    drain_timeout: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     #: journal every job under <state_dir>/journal (unless [journal] sets a path)
     journal: bool = True
     #: capture each job's stdout and stderr under <state_dir>/logs
     job_logs: bool = True
     #: outcomes kept for clients that disconnected, besides what the journal keeps
-    keep_results: int = 100_000
+    keep_results: Annotated[int, msgspec.Meta(ge=0)] = 100_000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: "auto": JSON under systemd, readable lines on a terminal
     log_format: Literal["auto", "console", "json"] = "auto"
     #: "host:port" of a Prometheus endpoint ("": off)
     metrics: str = ""
     #: seconds between STATUS= updates to systemd
-    status_interval: float = 5.0
+    status_interval: Annotated[float, msgspec.Meta(gt=0)] = 5.0
 
 
 class ConfigError(PoolError, ValueError):
@@ -114,3 +114,61 @@ def load_service_settings(path: str | os.PathLike[str] | None) -> tuple[dict[str
     journal = _table(name, raw, "journal", JournalConfig, path="")
     service = _table(name, raw, "service", ServiceConfig)
     return pool, journal, msgspec.convert(service, ServiceConfig)
+
+
+#: environment overrides of ``procsched serve``: variable -> [service] key
+_ENV = {
+    "PROCSCHED_STATE_DIR": "state_dir",
+    "PROCSCHED_SOCKET": "socket",
+    "PROCSCHED_TCP": "tcp",
+    "PROCSCHED_LOG_LEVEL": "log_level",
+    "PROCSCHED_LOG_FORMAT": "log_format",
+    "PROCSCHED_METRICS": "metrics",
+}
+
+
+def service_settings(config: str | None, flags: dict[str, Any]) -> tuple[dict[str, Any], JournalConfig | None, ServiceConfig]:
+    """``procsched serve``'s pool keywords, journal and own settings: the file (``config`` or
+    ``$PROCSCHED_CONFIG``), then ``PROCSCHED_*`` variables, then flags. The journal defaults
+    to ``<state_dir>/journal``. Every mistake is a :class:`ConfigError` naming its source."""
+    path = config or os.environ.get("PROCSCHED_CONFIG") or None
+    pool, journal, service = load_service_settings(path)
+    where = path or "settings"
+    changes = {key: os.environ[var] for var, key in _ENV.items() if os.environ.get(var)}
+    changes.update({k: v for k, v in flags.items() if v is not None and k in ServiceConfig.__struct_fields__})
+    try:
+        service = msgspec.convert({**msgspec.structs.asdict(service), **changes}, ServiceConfig, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"service settings (environment or flags): {e}") from None
+    workers = flags.get("workers")
+    if workers is None:
+        workers = os.environ.get("PROCSCHED_WORKERS")
+    if workers is not None:
+        try:
+            pool["max_workers"] = int(workers)
+        except ValueError:
+            raise ConfigError(f"--workers / PROCSCHED_WORKERS must be an int, not {workers!r}") from None
+        if pool["max_workers"] <= 0:
+            raise ConfigError(f"--workers / PROCSCHED_WORKERS must be at least 1, not {workers!r}")
+    for key in ("tcp", "metrics"):
+        value = getattr(service, key)
+        if value:
+            host, sep, port = value.rpartition(":")
+            if not sep or not port.isdigit() or int(port) > 65535:
+                raise ConfigError(f"{where}: [service] {key} = {value!r}: expected 'host:port'")
+    if not journal.get("path") and service.journal:
+        journal["path"] = os.path.join(state_dir(service), "journal")
+    try:
+        return pool, (JournalConfig(**journal) if journal.get("path") else None), service
+    except TypeError as e:
+        raise ConfigError(f"{where}: [journal] {e}") from None
+
+
+def state_dir(service: ServiceConfig) -> str:
+    """Where the service keeps its journal, spilled results and job logs."""
+    if service.state_dir:
+        return os.path.abspath(service.state_dir)
+    given = os.environ.get("STATE_DIRECTORY")  # systemd's StateDirectory=
+    if given:
+        return given.split(":")[0]
+    return os.path.join(os.path.expanduser("~"), ".local", "state", "procsched")

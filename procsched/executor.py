@@ -196,17 +196,18 @@ class Pool(_Submitter, Controls, Executor):
         if wait:
             self._join()
 
-    def terminate(self) -> None:
-        """Cancel what is queued, kill what runs, and return once all is gone."""
-        self._close(True, kill=True)
+    def terminate(self, grace: float = 0.0) -> None:
+        """Cancel what is queued, kill what runs, and return once all is gone. ``grace``:
+        seconds workers get to exit when asked before SIGKILL (an idle one exits at once)."""
+        self._close(True, kill=True, grace=grace)
         self._join()
 
-    def _close(self, cancel_futures: bool, kill: bool) -> None:
+    def _close(self, cancel_futures: bool, kill: bool, grace: float = 0.0) -> None:
         with self._lock:
             first = not self._closed
             self._closed = True
             if first or cancel_futures or kill:  # (dropped if the loop has ended)
-                self._sup.post(("shutdown", cancel_futures, kill))
+                self._sup.post(("shutdown", cancel_futures, kill, grace))
 
     def _join(self) -> None:
         if threading.current_thread() is not self._sup.thread:

@@ -197,7 +197,15 @@ Request = Union[
 
 # -- replies (server to client) ----------------------------------------------------
 class Accepted(_Msg, tag=20):
+    """A Submit's answer: each job's id, in order; a job refused alone has id 0 and its
+    reason in ``errors`` (by position: [exception type name, message])."""
+
     jobs: list[int]
+    errors: dict[int, list[str]] = {}
+
+
+#: ``Rejected.kind`` of a service that is stopping: the client keeps the jobs for the next one
+UNAVAILABLE = "Unavailable"
 
 
 class Rejected(_Msg, tag=21):
@@ -320,15 +328,30 @@ def runtime_dir() -> str:
     return f"/tmp/procsched-{os.getuid()}"
 
 
+def untrusted(directory: str) -> str:
+    """Why another user could swap a socket in ``directory`` for their own ("" if none can):
+    it must belong to us or to root, and be writable by no one else unless sticky (as /tmp)."""
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return ""
+    if st.st_uid not in (os.getuid(), 0):
+        return f"{directory} belongs to user {st.st_uid}"
+    if st.st_mode & 0o022 and not st.st_mode & 0o1000:
+        return f"{directory} is writable by other users (mode {st.st_mode & 0o7777:o})"
+    return ""
+
+
 def default_address() -> str:
     """``$PROCSCHED_ADDRESS``, else the first socket that exists of this user's
-    runtime directory's and the system service's (``/run/procsched``)."""
+    runtime directory's and the system service's (``/run/procsched``), skipping
+    a directory another user could have planted a socket in."""
     given = os.environ.get("PROCSCHED_ADDRESS")
     if given:
         return given
     candidates = [os.path.join(runtime_dir(), "procsched.sock"), "/run/procsched/procsched.sock"]
     for path in candidates:
-        if os.path.exists(path):
+        if os.path.exists(path) and not untrusted(os.path.dirname(path)):
             return "unix://" + path
     return "unix://" + candidates[0]
 

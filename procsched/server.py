@@ -32,7 +32,6 @@ import select
 import socket
 import struct
 import threading
-import time
 from collections import OrderedDict, deque
 from typing import Any, Callable
 
@@ -51,7 +50,8 @@ log = get_logger("procsched.server")
 _USER_FLAGS = frames.F_FN_CACHEABLE | frames.F_THEN
 _UCRED = struct.Struct("3i")
 _MAX_OUTCOME_BATCH = 16 << 20  # bytes of payload per Outcomes frame
-_MAX_BUFFERED = 256 << 20  # unsent bytes before a client that does not read is dropped
+_MAX_BUFFERED = 256 << 20  # a client holding this much unsent...
+_STALL_LIMIT = 60.0  # ...that has read none of it for this long is dropped
 _READS_PER_TURN = 8  # recv calls per connection per turn (fairness between clients)
 _IN, _OUT = select.POLLIN | select.POLLPRI, select.POLLOUT
 
@@ -81,6 +81,7 @@ class Connection:
         self.peer = peer
         self.reader = p.FrameReader(front.max_frame)
         self.out = bytearray()
+        self.stalled_at = 0.0  # since when the socket has taken none of ``out`` (0: it has been taking it)
         self.greeted = False
         self.closed = False
         self.fns: dict[int, bytes] = {}  # functions this client defined (Submit.fns)
@@ -146,9 +147,12 @@ class Connection:
             return
         if n:
             del self.out[:n]
-        if len(self.out) > _MAX_BUFFERED:
+            self.stalled_at = 0.0
+        elif self.out and not self.stalled_at:
+            self.stalled_at = self.front.sup.now
+        if self.stalled_at and len(self.out) > _MAX_BUFFERED and self.front.sup.now - self.stalled_at > _STALL_LIMIT:
             log.warning("client_not_reading", peer=self.peer, buffered=len(self.out))
-            self.close()
+            self.close()  # it can reconnect and Watch its jobs again
             return
         self.front.poller.modify(self.fd, _IN | _OUT if self.out else _IN)  # type: ignore[union-attr]
 
@@ -191,8 +195,7 @@ class Front:
         self.epoch = epoch
         self.token = token
         self.max_frame = max_frame
-        self.allow_users = frozenset((os.getuid(), 0, *allow_users))
-        self.allow_groups = frozenset(allow_groups)
+        self.allow(allow_users, allow_groups)
         self.log_dir = log_dir
         self.keep_results = keep_results
         self.version = __version__
@@ -215,6 +218,12 @@ class Front:
             self.futures[job_id] = fut
 
     # -- from the service's thread --------------------------------------------------
+    def allow(self, users: tuple[int, ...], groups: tuple[int, ...]) -> None:
+        """Who may connect over the Unix socket: the service's own user and group (those the
+        socket file's 0660 mode lets in), root, and these (replaced whole: SIGHUP may narrow it)."""
+        self.allow_users = frozenset((os.getuid(), 0, *users))
+        self.allow_groups = frozenset((os.getgid(), *groups))
+
     def add_listener(self, sock: socket.socket) -> None:
         """A listening socket to serve (before ``start``)."""
         sock.setblocking(False)
@@ -295,7 +304,7 @@ class Front:
     def check_peer(self, sock: socket.socket) -> str:
         """Why a Unix-socket peer is refused ("" if it is allowed)."""
         pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-        if uid in self.allow_users or (self.allow_groups and _in_groups(uid, gid, self.allow_groups)):
+        if uid in self.allow_users or _in_groups(uid, gid, self.allow_groups):
             return ""
         return f"user {uid} (pid {pid}) is not allowed to use this service"
 
@@ -349,39 +358,38 @@ class Front:
             conn.send(reply)
 
     def submit(self, conn: Connection, specs: list[p.JobSpec]) -> None:
-        if self.draining or self.pool._closed:
-            self.answer_submit(conn, p.Rejected("PoolError", "the service is stopping and accepts no new jobs"))
+        if self.draining or self.pool._closed:  # the client holds these for the next service
+            self.answer_submit(conn, p.Rejected(p.UNAVAILABLE, "the service is stopping and accepts no new jobs"))
             return
-        try:
-            jobs, futures = self.build(specs, conn.fns)
-        except (TypeError, ValueError) as e:
-            self.answer_submit(conn, p.Rejected(type(e).__name__, str(e)))
-            return
-        ids = [f.job_id for f in futures]
+        jobs, futures, errors = self.build(specs, conn.fns)
+        ids = [0 if f is None else f.job_id for f in futures]
         for f in futures:
-            self.futures[f.job_id] = f
-            self._watch(f.job_id, conn)
+            if f is not None:
+                self.futures[f.job_id] = f
+                self._watch(f.job_id, conn)
         sup = self.sup
-        now = time.monotonic()
+        now = sup.now  # the turn's clock, as every other job's wait is measured from
         for job in jobs:
             sup._admit(job, now)
-        self.answer_submit(conn, p.Accepted(ids))
+        self.answer_submit(conn, p.Accepted(ids, errors))
         for f in futures:
-            if f.done() and f not in self.settled:  # a key that had finished: its result now
+            if f is not None and f.done() and f not in self.settled:  # a key that had finished: its result now
                 self.settled.append(f)
 
-    def build(self, specs: list[p.JobSpec], fns: dict[int, bytes]) -> tuple[list[Job], list[JobFuture]]:
-        """Jobs from a client's specs, all checked before any is made (all or nothing)."""
+    def build(self, specs: list[p.JobSpec], fns: dict[int, bytes]) -> tuple[list[Job], list[JobFuture | None], dict[int, list[str]]]:
+        """Jobs from a client's specs (which are separate submits: each is checked, and refused, alone);
+        a future per spec (None for a refused one), and why each refused one was."""
         pool = self.pool
-        calls: list[bytes] = []
+        jobs: list[Job] = []
+        futures: list[JobFuture | None] = []
+        errors: dict[int, list[str]] = {}
         for i, s in enumerate(specs):
             try:
-                calls.append(_check_spec(s, pool, fns))
+                fn = _check_spec(s, pool, fns)
             except (TypeError, ValueError) as e:
-                raise type(e)(f"job {i} of the batch: {e}") from None
-        jobs: list[Job] = []
-        futures: list[JobFuture] = []
-        for s, fn in zip(specs, calls):
+                errors[i] = [type(e).__name__, str(e)]
+                futures.append(None)
+                continue
             if s.key is not None:
                 known = pool._keys.get(s.key)
                 if known is not None:
@@ -403,7 +411,7 @@ class Front:
                     continue
             jobs.append(job)
             futures.append(fut)
-        return jobs, futures
+        return jobs, futures, errors
 
     def watch(self, conn: Connection, msg: p.Watch) -> None:
         """A reconnected client's jobs: push the outcomes of finished ones, subscribe to the rest;

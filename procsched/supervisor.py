@@ -117,6 +117,9 @@ class Supervisor(Requests):
         self.beat_at = float("inf")
         #: the service's socket front door (``server.Front``), served by this loop once attached
         self.front: Any = None
+        #: called (from the loop's thread) once the loop has ended, for whatever reason
+        self.on_end: Callable[[], None] | None = None
+        self.stop_grace = 0.0  # terminate(): how long workers get to stop before SIGKILL
         self.stats = Stats()
         #: the loop's clock, read once per turn (per-job bookkeeping reads this, not the clock)
         self.now = time.monotonic()
@@ -223,6 +226,8 @@ class Supervisor(Requests):
                 self.ended = True
                 self.bell.close()
             self._refuse_intake()
+            if self.on_end is not None:
+                self.on_end()
 
     def _refuse_intake(self) -> None:
         """Fail jobs posted after the loop ended (possible only when it crashed).
@@ -283,7 +288,7 @@ class Supervisor(Requests):
             if timeout:
                 self.bell.drain()
             backend.woke()
-        backend.close(time.monotonic() + (0.0 if self.killing else self.config.stop_timeout))
+        backend.close(time.monotonic() + (self.stop_grace if self.killing else self.config.stop_timeout))
 
     def _intake(self, now: float) -> None:
         intake = self.intake
@@ -324,8 +329,9 @@ class Supervisor(Requests):
                 self.draining = True
                 self.schedules.stopped = True
                 msg[1].set()
-            elif msg[0] == "shutdown":
+            elif msg[0] == "shutdown":  # (shutdown, cancel_futures, kill, seconds the workers get to stop)
                 self._dispatch(now, booting=True)  # what was submitted before may still take a worker
+                self.stop_grace = msg[3]
                 self._shutdown(cancel_futures=msg[1], kill=msg[2])
 
     def _beat(self, now: float) -> None:
