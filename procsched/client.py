@@ -132,6 +132,10 @@ class Client(_Submitter, Controls, Executor):
                  reconnect: float = 300.0, progress: bool | None = None) -> None:  # fmt: skip
         self.address = address or p.default_address()
         self._family, self._sockaddr = p.parse_address(self.address)
+        if address is None and self._family == "unix":  # a default path: only in a directory no one else controls
+            why = p.untrusted(os.path.dirname(self._sockaddr))
+            if why:
+                raise PermissionError(f"will not connect to {self._sockaddr}: {why} (another user could have put a socket there)")
         self._token = token if token is not None else os.environ.get("PROCSCHED_TOKEN", "")
         self._timeout = timeout
         self._reconnect_s = reconnect

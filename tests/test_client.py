@@ -122,3 +122,19 @@ def test_a_job_id_read_in_a_done_callback_before_acceptance_fails_fast(svc: Serv
         wait_for(lambda: len(seen) == 2, 10, "the callback")
         assert isinstance(seen[0], (int, procsched.PoolError))
         assert seen[1].result(10) == 16  # type: ignore[attr-defined]
+
+
+def test_the_default_socket_is_not_trusted_in_a_directory_others_can_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = tmp_path / "procsched"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could have replaced the socket in here
+    (shared / "procsched.sock").touch()
+    monkeypatch.delenv("PROCSCHED_ADDRESS", raising=False)
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    with pytest.raises(PermissionError, match="writable by other users"):
+        procsched.connect()
+    svc = Service(tmp_path / "svc", args=("--socket", str(shared / "s.sock")))
+    svc.start(wait=False)
+    assert svc.proc.wait(30) == 2  # and the service will not put its socket there either
+    assert "writable by other users" in svc.output()
