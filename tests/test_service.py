@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -341,3 +343,31 @@ def test_submit_rejects_bad_options_from_a_client_and_keeps_what_it_accepted(svc
         with pytest.raises(ValueError, match="depends_on"):
             bad.result(10)
         assert [f.result(10) for f in futures] == [i * i for i in range(60)]
+
+
+def test_socket_activation_serves_the_socket_systemd_passed(tmp_path: Path) -> None:
+    path = str(tmp_path / "activated.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)  # as procsched.socket does, before the service exists
+    listener.listen(16)
+    fd = listener.fileno()
+    svc = Service(tmp_path)
+    # systemd's hand-over: the socket at fd 3, LISTEN_PID the service's own pid (the shim exec()s it)
+    shim = [sys.executable, "-c", "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd);"
+            "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='procsched');"
+            "os.execv(sys.argv[2], sys.argv[2:])", str(fd)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+    with open(svc.log, "ab") as out:
+        svc.proc = subprocess.Popen([*shim, *svc.command()], env=env, stdout=out, stderr=subprocess.STDOUT, pass_fds=(fd,))
+    listener.close()
+    try:
+        with procsched.connect("unix://" + path, progress=False) as client:
+            assert client.submit(square, 11).result(20) == 121
+            assert not os.path.exists(svc.socket)  # it did not make a socket of its own
+            pid = client.submit(os.getpid).result(10)
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                assert b"LISTEN_FDS" not in f.read()  # taken before any worker started
+        assert svc.terminate(30) == 0
+        assert os.path.exists(path)  # the socket file is systemd's: it outlives the service
+    finally:
+        svc.stop()
