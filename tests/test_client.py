@@ -32,7 +32,7 @@ def test_cancel_of_queued_jobs_and_map_timeout(svc: Service, tmp_path: Path) -> 
         done, _ = cf.wait(queued, timeout=5)
         assert len(done) == 20
         assert client.show(queued[0].job_id)["state"] == "cancelled"
-        with pytest.raises(TimeoutError):  # the stdlib's map contract, not a RuntimeError from cancelling
+        with pytest.raises(cf.TimeoutError):  # the stdlib's map contract, not a RuntimeError from cancelling
             list(client.map(slow_square, range(4), [0.5] * 4, timeout=0.3))
         (gate / "go").touch()
         assert blocker.result(10) == 1
