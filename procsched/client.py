@@ -16,6 +16,7 @@ their outcomes wait in the service for a client that asks.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 import socket
@@ -260,13 +261,26 @@ class Client(Link, _Submitter, Controls, Executor):
         return f"<procsched.Client {self.address} {state}>"
 
 
-def _with_progress(results: Iterator[Any], total: int, label: str) -> Iterator[Any]:
+def _bar_class() -> Any:
+    """tqdm's notebook widget in a Jupyter kernel that has ipywidgets, else its text bar
+    (tqdm.auto would warn in a notebook without ipywidgets); None without tqdm."""
     try:
-        from tqdm.auto import tqdm
-    except ImportError:  # no tqdm: no bar
+        from tqdm.std import tqdm
+    except ImportError:
+        return None
+    if "ipykernel" in sys.modules and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.notebook import tqdm as widget
+
+        return widget
+    return tqdm
+
+
+def _with_progress(results: Iterator[Any], total: int, label: str) -> Iterator[Any]:
+    bar_class = _bar_class()
+    if bar_class is None:  # no tqdm: no bar
         yield from results
         return
-    with tqdm(total=total, desc=label, unit="job") as bar:
+    with bar_class(total=total, desc=label, unit="job") as bar:
         for value in results:
             bar.update(1)
             yield value
