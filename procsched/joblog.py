@@ -8,7 +8,7 @@ streams that count what they write against the cap. :meth:`JobLog.end`
 flushes them, puts everything back and caps the file (:func:`cap_file`):
 C-level writes cannot be counted as they happen, so they are cut after the
 job. A job whose worker died is capped by the backend when it reaps the
-worker (``workers.py``).
+worker (``backends/local.py``).
 
 The file is opened for appending, so every attempt of a job adds to it
 (after a ``--- attempt N ---`` line), and it is written as the job goes, so

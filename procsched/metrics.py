@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 from .model import PENDING, QUEUED, RUNNING
 from .requests import WAITING
-from .workers import DEAD
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -103,7 +102,7 @@ def worker_families(stats: dict[str, Any]) -> Iterator[Metric]:
     from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
     workers: list[dict[str, Any]] = stats["workers"]
-    alive = [w for w in workers if w["state"] != DEAD]
+    alive = [w for w in workers if w["state"] != "dead"]
     yield GaugeMetricFamily(PREFIX + "workers_alive", "Worker processes running (booting, ready or retiring).", value=len(alive))
     yield GaugeMetricFamily(PREFIX + "workers_busy", "Worker processes with a job placed on them.", value=sum(1 for w in alive if w["queued"]))
     yield CounterMetricFamily(PREFIX + "worker_restarts", "Workers replaced after they died.", value=stats["restarts"])

@@ -28,12 +28,11 @@ from .log import get_logger
 from .journal.state import describe as describe_entry
 from .errors import JobTimeout, PoolError, WorkerCrashed
 from .model import CANCELLED, CRASHED, FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, make_options
-from .workers import rss
 
 if TYPE_CHECKING:
     from .heap import ReadyQueue
     from .recorder import Recorder
-    from .workers import LocalBackend
+    from .backends import Backend
 
 log = get_logger("procsched.supervisor")
 
@@ -45,7 +44,7 @@ class Requests:
     jobs: dict[int, Job]
     rec: Recorder | None
     queue: ReadyQueue
-    backend: LocalBackend
+    backend: Backend
     dead: DeadLetters
     prefix: str
     outcomes: dict[int, bool]
@@ -260,14 +259,11 @@ class Requests:
 
     def _status(self, now: float) -> dict[str, Any]:
         """Workers (pid, RSS, current job, uptime), queue depth per lane, running count."""
-        workers = []
-        for slot in self.backend.slots:
-            current = self.runs.get(slot.outstanding[0]) if slot.outstanding else None
-            workers.append({
-                "index": slot.index, "pid": slot.pid or None, "state": slot.state, "rss": rss(slot.pid) if slot.pid else 0,
-                "job": current.id if current is not None else None, "name": current.label if current is not None else None,
-                "uptime_s": round(now - slot.booted_at, 1) if slot.pid and slot.booted_at else None, "jobs_done": slot.done,
-            })  # fmt: skip
+        def job_of(run: int) -> tuple[int, str] | None:
+            job = self.runs.get(run)
+            return None if job is None else (job.id, job.label)
+
+        workers = self.backend.workers_status(now, job_of)
         return {
             "workers": workers, "degraded": self.backend.degraded, "restarts": self.backend.restarts,
             "queued_hot": self.queue.hot, "queued_cold": self.queue.cold, "running": len(self.runs),

@@ -71,7 +71,8 @@ from .ledger import DeadLetter, DeadLetters, Timings
 from .recorder import Recorder
 from .requests import WAITING, Requests
 from .schedules import Schedules
-from .workers import LocalBackend, Lost, Result, Returned, Started
+from .backends import Backend, Lost, Result, Returned, Started
+from .backends.local import LocalBackend
 
 log = get_logger("procsched.supervisor")
 
@@ -93,7 +94,7 @@ class Supervisor(Requests):
         self.rec = None if journal is None else Recorder(journal)
         try:
             self.bell = Doorbell.create()
-            self.backend = LocalBackend(config, prefix, self.bell)
+            self.backend: Backend = LocalBackend(config, prefix, self.bell)
         except BaseException:
             if self.rec is not None:
                 self.rec.close()

@@ -1,6 +1,6 @@
 """The worker process: take a job from the inbound ring, run it, report.
 
-Started by ``workers.py`` as ``python -c "...; from procsched.worker import main; main()" CONFIG ROOT``
+Started by ``backends/local.py`` as ``python -c "...; from procsched.worker import main; main()" CONFIG ROOT``
 with its channel, doorbells and death pipe as inherited fds. It is dumb on
 purpose: no journal, no heap, no options, no logging. It knows only the
 frames of ``ipc/frames.py`` and three words of its control block:

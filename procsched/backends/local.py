@@ -1,7 +1,8 @@
 """The local backend: worker processes, their channels, and their deaths.
 
-The supervisor talks to execution through a small seam, so that another
-engine can stand behind it later. This module is the local implementation:
+The supervisor talks to execution through a small seam (``backends.Backend``),
+so that another engine can stand behind it. This module is the local
+implementation:
 
 * ``headroom()`` / ``start(dispatches)``: place jobs on workers, each up to
   its prefetch limit (adaptive: enough queued work to cover ``prefetch_s``
@@ -38,15 +39,16 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import Any
 
-from . import joblog
-from .errors import MemoryLimitExceeded, WorkerCrashed, describe_exit
-from .ipc import frames, oob
-from .ipc.doorbell import Doorbell
-from .ipc.ring import W_RECALL, W_STARTED, W_STOP, W_YIELD, Channel
-from .log import get_logger
-from .model import PoolConfig
+from .. import joblog
+from ..errors import MemoryLimitExceeded, WorkerCrashed, describe_exit
+from ..ipc import frames, oob
+from ..ipc.doorbell import Doorbell
+from ..ipc.ring import W_RECALL, W_STARTED, W_STOP, W_YIELD, Channel
+from ..log import get_logger
+from ..model import PoolConfig
+from . import Event, Lost, Result, Returned, Started
 
 log = get_logger("procsched.workers")
 
@@ -54,37 +56,7 @@ BOOTING, READY, RETIRING, DEAD = "booting", "ready", "retiring", "dead"
 # argv[1] is the boot config, argv[2] the directory procsched is imported from
 # here, so the worker finds the same package whatever its default path holds.
 _BOOT_CMD = "import sys; sys.path.insert(0, sys.argv[2]); from procsched.worker import main; main()"
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Started(NamedTuple):
-    job_id: int
-    at: float
-
-
-class Lost(NamedTuple):
-    """A job that was running when its worker died; ``error`` says how."""
-
-    job_id: int
-    error: WorkerCrashed
-    killed_for: str  # "" for a crash; "timeout", "cancel", "preempt", "memory" when we killed it
-
-
-class Returned(NamedTuple):
-    """A job that never began: it goes back to the queue without spending an attempt."""
-
-    job_id: int
-
-
-class Result(NamedTuple):
-    job_id: int
-    status: int
-    run_us: int
-    payload: bytes
-    buffers: list[memoryview]
-
-
-Event = Started | Lost | Returned | Result
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class _Slot:
@@ -657,6 +629,18 @@ class LocalBackend:
             self._close(s)
             s.state = DEAD
         self.poller.unregister(self.sup_bell.read_fd)
+
+    def workers_status(self, now: float, job_of: Any) -> list[dict[str, Any]]:
+        """Each worker: pid, RSS, the job it runs (``job_of(run)``: (id, name) or None), uptime."""
+        out = []
+        for slot in self.slots:
+            current = job_of(slot.outstanding[0]) if slot.outstanding else None
+            out.append({
+                "index": slot.index, "pid": slot.pid or None, "state": slot.state, "rss": rss(slot.pid) if slot.pid else 0,
+                "job": current[0] if current else None, "name": current[1] if current else None,
+                "uptime_s": round(now - slot.booted_at, 1) if slot.pid and slot.booted_at else None, "jobs_done": slot.done,
+            })  # fmt: skip
+        return out
 
     def stats(self) -> dict[str, object]:
         return {
