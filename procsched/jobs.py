@@ -18,7 +18,7 @@ from .model import QUEUED, JobOptions, Key
 class Job:
     """The supervisor's record of one job (what ``submit`` made, plus its life so far)."""
 
-    __slots__ = ("id", "future", "label", "fn", "flags", "args", "oob", "opts", "attempt", "state", "resume", "queued_at", "run", "dispatched", "key", "followers", "not_before", "cancelling",
+    __slots__ = ("id", "future", "label", "fn", "flags", "args", "oob", "opts", "attempt", "state", "resume", "queued_at", "run", "dispatched", "key", "followers", "not_before", "cancelling", "withdrawing",
                  "deps", "dep_futures", "dep_policy", "waiting", "dependents", "history")  # fmt: skip
 
     def __init__(self, id: int, future: JobFuture, label: str, fn: bytes, flags: int, args: bytes, oob: bytes, opts: JobOptions, key: Key | None = None) -> None:
@@ -43,6 +43,8 @@ class Job:
         self.not_before = 0.0
         #: pool.cancel(kill=True) is stopping it: however its worker ends, it ends cancelled
         self.cancelling = False
+        #: pool.cancel() asked its worker to give it back unrun: the answer, once the run ends
+        self.withdrawing: Later | None = None
         #: prerequisites (job ids), their futures when the caller gave futures, and what a
         #: failed one means ("cancel" this job, or "run" it anyway)
         self.deps: tuple[int, ...] = ()
@@ -57,6 +59,23 @@ class Job:
         """Unlink the job's argument segment: it has ended, or it never reached the loop."""
         if self.oob:
             oob.unlink(oob.segment_name(self.oob))
+
+
+class Later:
+    """A request's answer the loop gives later (``pool.cancel`` of a job its worker may have begun):
+    each ``then(fn)`` is called with the value, on the loop's thread."""
+
+    __slots__ = ("callbacks",)
+
+    def __init__(self) -> None:
+        self.callbacks: list[Any] = []
+
+    def then(self, fn: Any) -> None:
+        self.callbacks.append(fn)
+
+    def give(self, value: Any) -> None:
+        for fn in self.callbacks:
+            fn(value)
 
 
 class Stats:

@@ -189,12 +189,16 @@ class Link:
                     return
                 continue
             try:
-                bodies = self._frames.feed(data)
-                for body in bodies:
-                    self._on_reply(p.reply_decoder.decode(body))
+                replies = [p.reply_decoder.decode(body) for body in self._frames.feed(data)]
             except Exception as e:  # a broken stream: start over on a new connection
                 _warn(f"dropping the connection to {self.address}: {e!r}")
                 self._sock.close()
+                continue
+            for reply in replies:
+                try:
+                    self._on_reply(reply)
+                except Exception as e:  # one reply we could not apply: the stream is fine
+                    log.exception("client_reply_failed", reply=type(reply).__name__, error=repr(e))
 
     def _on_reply(self, msg: Any) -> None:
         t = type(msg)
@@ -416,6 +420,8 @@ class Link:
 
 def _settle(fut: RemoteFuture, o: p.Outcome) -> None:
     fut._job = None
+    if fut.done():  # settled here already (closed, given up): a late outcome changes nothing
+        return
     if o.status == p.CANCELLED:
         fut.cancel_running()  # (not cancel(): the service has cancelled it already)
         return

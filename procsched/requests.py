@@ -22,7 +22,7 @@ import msgspec
 
 from .futures import Encoded, JobFuture
 from .ipc import frames, oob
-from .jobs import Job, then_arguments
+from .jobs import Job, Later, then_arguments
 from .ledger import DeadLetter, DeadLetters
 from .log import get_logger
 from .journal.state import describe as describe_entry
@@ -121,8 +121,9 @@ class Requests:
                 if not d.waiting:
                     self._ready(d, now)
 
-    def _cancel(self, job_id: int, kill: bool, now: float) -> bool:
-        """``pool.cancel``: a job not started is cancelled; a running one only with ``kill``."""
+    def _cancel(self, job_id: int, kill: bool, now: float) -> bool | Later:
+        """``pool.cancel``: a job not started is cancelled; a running one only with ``kill``.
+        A job placed on a worker that may have begun it: the answer comes with the run's end."""
         job = self.jobs.get(job_id)
         if job is None:
             return False
@@ -136,16 +137,29 @@ class Requests:
         if job.state in (PENDING, QUEUED):  # between attempts, or back in the queue (preempted): nothing runs
             self._cancelled_running(job)
             return True
-        if self.backend.withdraw(job.run):  # placed but not begun: it comes back unrun
+        if job.withdrawing is not None and not kill:  # asked already: the same answer
+            return job.withdrawing
+        back = self.backend.withdraw(job.run)  # placed but maybe not begun
+        if back:  # it comes back unrun
             job.cancelling = True
             return True
+        if back is None and not kill:  # its worker was between jobs: the run's end says whether it began
+            job.withdrawing = Later()  # True if it comes back unrun, False if it ran after all
+            return job.withdrawing
         if kill and self.backend.kill(job.run, "cancel", now):
             log.info("job_cancel_kill", job=job.id, name=job.label, attempt=job.attempt)
             job.cancelling = True
             return True
         return False
 
+    def _withdrawn(self, job: Job, cancelled: bool) -> None:
+        """The run a cancel tried to take back has ended: say whether it was cancelled."""
+        answer, job.withdrawing = job.withdrawing, None
+        if answer is not None:
+            answer.give(cancelled)
+
     def _cancelled_running(self, job: Job) -> None:
+        self._withdrawn(job, True)
         job.future.cancel_running()
         for fut in job.followers or ():
             fut.cancel_running()

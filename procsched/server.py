@@ -37,7 +37,7 @@ from . import protocol as p
 from .errors import PoolError
 from .futures import JobFuture
 from .handlers import HANDLERS, check_spec, outcome, stored_outcome
-from .jobs import Job
+from .jobs import Job, Later
 from .log import get_logger
 
 if TYPE_CHECKING:
@@ -321,7 +321,11 @@ class Front:
                 conn.fail(f"{t.__name__} is not a request", getattr(msg, "ref", 0))
                 return
             try:
-                reply: Any = p.Answer(msg.ref, handler(self, msg))
+                value = handler(self, msg)
+                if type(value) is Later:  # known when a run ends (a cancel its worker may have begun)
+                    value.then(lambda v, ref=msg.ref: conn.send(p.Answer(ref, v)))
+                    return
+                reply: Any = p.Answer(msg.ref, value)
             except Exception as e:
                 known = isinstance(e, (KeyError, ValueError, TypeError, PermissionError, FileNotFoundError))
                 text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)

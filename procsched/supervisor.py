@@ -63,7 +63,7 @@ from .futures import Encoded, EncodedError, JobFuture, describe
 from .heap import ReadyQueue
 from .ipc import frames, oob
 from .ipc.doorbell import Doorbell
-from .jobs import Job, Stats, resolve
+from .jobs import Job, Later, Stats, resolve
 from .journal import records as r
 from .log import get_logger
 from .model import CANCELLED, CRASHED, FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, JournalConfig, PoolConfig
@@ -307,10 +307,14 @@ class Supervisor(Requests):
                 self._hold(("ack", msg[2]))
             elif msg[0] in self._asks:  # (what, *args, answer, done): a caller waits for the answer
                 try:
-                    msg[-2].append(self._asks[msg[0]](*msg[1:-2]))
+                    value = self._asks[msg[0]](*msg[1:-2])
                 except Exception as e:  # a bad request: the caller raises it
-                    msg[-2].append(e)
-                msg[-1].set()
+                    value = e
+                if type(value) is Later:  # known when a run ends
+                    value.then(lambda v, answer=msg[-2], done=msg[-1]: (answer.append(v), done.set()))
+                else:
+                    msg[-2].append(value)
+                    msg[-1].set()
             elif msg[0] == "compact":
                 assert self.rec is not None
                 self.rec.journal.compact()
@@ -513,7 +517,11 @@ class Supervisor(Requests):
                 return
             self._end_run(job)
             self.timings.runs.append(ev.run_us / 1e6)
-            if status == frames.OK:
+            if job.withdrawing is not None and status != frames.PREEMPTED:  # it ran after all: not cancelled
+                self._withdrawn(job, False)
+            if job.cancelling or job.withdrawing is not None:  # a cancel said True (or a preempted run stops here)
+                self._cancelled_running(job)
+            elif status == frames.OK:
                 if self.rec is not None:
                     self.rec.succeeded(job, ev.payload, ev.buffers)
                 value = Encoded(ev.payload, ev.buffers)
@@ -533,7 +541,7 @@ class Supervisor(Requests):
             job = self.runs.get(ev.job_id)
             if job is not None:
                 self._end_run(job)
-                if job.cancelling:
+                if job.cancelling or job.withdrawing is not None:
                     self._cancelled_running(job)
                 else:
                     self._requeue(job, False)
@@ -542,7 +550,7 @@ class Supervisor(Requests):
             if job is None:
                 return
             self._end_run(job)
-            if job.cancelling:
+            if job.cancelling or job.withdrawing is not None:
                 self._cancelled_running(job)
             elif ev.killed_for == "preempt":
                 self.stats.preempted += 1
@@ -567,6 +575,8 @@ class Supervisor(Requests):
         if job.cancelling:  # pool.cancel(kill=True) came first: it ends cancelled, not retried
             self._cancelled_running(job)
             return
+        if job.withdrawing is not None:  # it ran (and timed out) before its worker could give it back
+            self._withdrawn(job, False)
         if job.history is None:
             job.history = []
         job.history.append((job.attempt, kind, describe(error), time.time()))

@@ -138,3 +138,38 @@ def test_the_default_socket_is_not_trusted_in_a_directory_others_can_write(tmp_p
     svc.start(wait=False)
     assert svc.proc.wait(30) == 2  # and the service will not put its socket there either
     assert "writable by other users" in svc.output()
+
+
+def _cancel_storm(executor: object, submit: object, n: int = 2000) -> None:
+    """Cancel half of ``n`` short jobs from 4 threads while results stream in: a True from
+    cancel() must mean the future ends cancelled, a False that it ends with its result."""
+    import threading
+
+    futures = [submit(square, i) for i in range(n)]  # type: ignore[operator]
+    said: dict[int, bool] = {}
+
+    def cancel_some(k: int) -> None:
+        for i in range(k, n, 8):
+            said[i] = futures[i].cancel()
+
+    threads = [threading.Thread(target=cancel_some, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    cf.wait(futures, timeout=60)
+    for i, ok in said.items():
+        assert futures[i].cancelled() is ok, (i, ok, futures[i])
+        if not ok:
+            assert futures[i].result(0) == i * i
+    assert any(said.values())
+
+
+def test_cancel_true_means_cancelled_while_results_stream_in_embedded() -> None:
+    with procsched.Pool(2) as pool:
+        _cancel_storm(pool, pool.submit)
+
+
+def test_cancel_true_means_cancelled_while_results_stream_in_client(tmp_path: Path) -> None:
+    with Service(tmp_path) as svc, procsched.connect(svc.address, progress=False) as client:
+        _cancel_storm(client, client.submit)

@@ -98,8 +98,9 @@ class Backend(Protocol):
         """Stop the executor running this run (timeout, cancel); it reports ``Lost``."""
         ...
 
-    def withdraw(self, job_id: int) -> bool:
-        """Take back a run placed but not begun (it reports ``Returned``); False if it began."""
+    def withdraw(self, job_id: int) -> bool | None:
+        """Take back a run placed but not begun (it reports ``Returned``): True if it surely
+        comes back unrun, None if its end will tell (it may have begun), False if it began."""
         ...
 
     def request_yield(self, job_id: int, kill_after: float | None, now: float) -> bool:

@@ -411,13 +411,20 @@ class LocalBackend:
             slot.ch.words[W_YIELD] = 0
             slot.yield_job, slot.yield_deadline = 0, 0.0
 
-    def withdraw(self, job_id: int) -> bool:
-        """Take back a job placed on a worker that has not begun it (it returns as ``Returned``)."""
+    def withdraw(self, job_id: int) -> bool | None:
+        """Take back a job placed on a worker that has not begun it (it returns as ``Returned``).
+
+        True: it will come back unrun (the worker is inside an earlier job, and checks
+        the recall before it starts the next). None: the worker is between jobs, so it
+        may begin this one first; its run's end (``Returned`` or an outcome) tells.
+        False: it has begun.
+        """
         slot = self.by_job.get(job_id)
         if slot is None or slot.ch is None or slot.bell is None or slot.ch.words[W_STARTED] == job_id:
             return False
         self._recall(slot)
-        return True
+        started = slot.ch.words[W_STARTED]  # read after the recall is written
+        return True if started and started != job_id else None
 
     def _recall(self, slot: _Slot) -> None:
         assert slot.ch is not None and slot.bell is not None
