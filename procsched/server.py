@@ -217,12 +217,23 @@ class Front:
         self.call(self.attach)
 
     def call(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the loop and wait for it (nothing if the loop has ended)."""
+        """Run ``fn`` on the loop and wait for it (nothing if the loop has ended); what it
+        raises is raised here, not in the loop."""
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                fn()
+            except Exception as e:
+                failed.append(e)
+
         done = threading.Event()
-        self.sup.post(("call", fn, done))
+        self.sup.post(("call", run, done))
         while not done.wait(0.5):
             if self.sup.ended:
                 return
+        if failed:
+            raise failed[0]
 
     def stop_listening(self) -> None:
         """Accept no one new (a drain); connected clients stay."""
