@@ -4,7 +4,8 @@
     python scripts/bench_service.py --quick    # smaller, 1 round
 
 It starts a real ``procsched serve`` (journal on, fsync="interval", job
-output capture off, as a throughput-minded service would run) on a
+output capture off as a throughput-minded service would run it, or on with
+``--job-logs``, the service's default) on a
 temporary socket and measures, interleaved round by round so a noisy
 machine hurts every column alike:
 
@@ -85,10 +86,10 @@ def measure_executor(ex: Any, n: int, rtt_n: int, mp: bool = False) -> dict[str,
     return {"submit/s": sub, "e2e/s": e2e, "map/s": map_rate, "rtt p50": p50, "rtt p99": p99}
 
 
-def start_service(root: str, workers: int) -> subprocess.Popen[bytes]:
+def start_service(root: str, workers: int, job_logs: bool) -> subprocess.Popen[bytes]:
     conf = os.path.join(root, "procsched.toml")
     with open(conf, "w") as f:
-        f.write("[service]\njob_logs = false\nlog_level = \"warning\"\n")
+        f.write(f"[service]\njob_logs = {'true' if job_logs else 'false'}\nlog_level = \"warning\"\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "procsched", "serve", "--config", conf, "--socket", os.path.join(root, "s.sock"),
            "--state-dir", os.path.join(root, "state"), "--workers", str(workers)]  # fmt: skip
@@ -114,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--job-logs", action="store_true", help="with the service's default per-job output capture on")
     args = ap.parse_args(argv)
     n, rtt_n, rounds = (args.jobs, 2000, args.rounds) if not args.quick else (2000, 200, 1)
     # mp.Pool forks: first, while this process has no other thread (a fork while
     # procsched's supervisor spawns a worker would keep that spawn's pipe open).
     mp = multiprocessing.Pool(args.workers)
     root = tempfile.mkdtemp(prefix="procsched-bench-")
-    service = start_service(root, args.workers)
+    service = start_service(root, args.workers, args.job_logs)
     results: dict[str, list[dict[str, float]]] = {"mp.Pool": [], "procsched.Pool": [], "Client (unix)": []}
     try:
         client = procsched.connect("unix://" + os.path.join(root, "s.sock"), progress=False)
