@@ -33,9 +33,11 @@ outcome, and the end of every turn commits them with one write. A pool
 opened on a journal starts with the jobs it had not finished
 (``_restore``).
 
-The dependency graph and the requests callers make of a running pool
-(cancel, reprioritize, dead letters, listing) are in ``requests.py``, the
-same object's other half; recurring schedules in ``schedules.py``.
+How a run's end decides the job's fate (``_event``, ``_failed``,
+``_finish``, the timers) is ``outcomes.py``; the dependency graph and the
+requests callers make of a running pool (cancel, reprioritize, dead
+letters, listing) are ``requests.py``: both are the same object, mixins of
+this class. Recurring schedules are in ``schedules.py``.
 
 Under ``procsched serve`` the loop also serves the clients' sockets
 (``self.front``, see ``server.py``): their fds are in the same poll, their
@@ -48,7 +50,6 @@ imports cloudpickle.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import random
 import threading
@@ -57,35 +58,32 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from . import policy
-from .errors import JobTimeout, PoolError, WorkerCrashed
-from .futures import Encoded, EncodedError, JobFuture, describe
+from .errors import PoolError
+from .futures import JobFuture
 from .heap import ReadyQueue
 from .ipc import frames, oob
 from .ipc.doorbell import Doorbell
 from .jobs import Job, Later, Stats, resolve
 from .journal import records as r
 from .log import get_logger
-from .model import CANCELLED, CRASHED, FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, TIMED_OUT, JournalConfig, PoolConfig
+from .model import CANCELLED, FAILED, PENDING, QUEUED, RUNNING, JournalConfig, PoolConfig
 from .ledger import DeadLetter, DeadLetters, Timings
 from .recorder import Recorder
-from .requests import WAITING, Requests
+from .outcomes import _CRON, _DUE, _RETRY, Outcomes
+from .requests import WAITING
 from .schedules import Schedules
-from .backends import Backend, Lost, Result, Returned, Started
+from .backends import Backend
 from .backends.local import LocalBackend
 
 log = get_logger("procsched.supervisor")
 
-#: how many finished jobs' outcomes are remembered for prerequisites given by id
-_OUTCOMES_KEPT = 100_000
-_TIMEOUT, _RETRY, _DUE, _CRON = 0, 1, 2, 3  # timer kinds: a run's deadline, a retry's backoff, a delayed job's time
 # Longest sleep without a timer. Wakeups are event-driven; this only bounds
 # what a wakeup lost to an exception inside post() (Ctrl-C) or a weaker
 # memory order than the ring protocol assumes could cost.
 _BACKSTOP_MS = 1000
 
 
-class Supervisor(Requests):
+class Supervisor(Outcomes):
     def __init__(self, config: PoolConfig, prefix: str, journal: JournalConfig | None = None) -> None:
         self.config = config
         self.prefix = prefix
@@ -502,148 +500,6 @@ class Supervisor(Requests):
             self.backend.cancel_yield(rid)
         self.yielding.clear()
 
-    # -- events ---------------------------------------------------------------
-    def _event(self, ev: Any, now: float) -> None:
-        t = type(ev)
-        if t is Result:
-            job = self.runs.get(ev.job_id)
-            if job is None:
-                return
-            status = ev.status
-            if status == frames.CHECKPOINT:
-                job.resume = ev.payload
-                if self.rec is not None:
-                    self.rec.checkpoint(job, ev.payload)
-                return
-            self._end_run(job)
-            self.timings.runs.append(ev.run_us / 1e6)
-            if job.withdrawing is not None and status != frames.PREEMPTED:  # it ran after all: not cancelled
-                self._withdrawn(job, False)
-            if job.cancelling or job.withdrawing is not None:  # a cancel said True (or a preempted run stops here)
-                self._cancelled_running(job)
-            elif status == frames.OK:
-                if self.rec is not None:
-                    self.rec.succeeded(job, ev.payload, ev.buffers)
-                value = Encoded(ev.payload, ev.buffers)
-                self._settle(job, value, None)
-                self._finish(job, SUCCEEDED, value)
-            elif status == frames.ERROR:
-                self._failed(job, policy.ERROR, EncodedError(ev.payload), frames.error_types(ev.payload), now)
-            else:  # PREEMPTED
-                self.stats.preempted += 1
-                job.resume = ev.payload
-                self._requeue(job, True)
-        elif t is Started:
-            job = self.runs.get(ev.job_id)
-            if job is not None and job.opts.timeout is not None:
-                self._timer(ev.at + job.opts.timeout, _TIMEOUT, ev.job_id)
-        elif t is Returned:
-            job = self.runs.get(ev.job_id)
-            if job is not None:
-                self._end_run(job)
-                if job.cancelling or job.withdrawing is not None:
-                    self._cancelled_running(job)
-                else:
-                    self._requeue(job, False)
-        elif t is Lost:
-            job = self.runs.get(ev.job_id)
-            if job is None:
-                return
-            self._end_run(job)
-            if job.cancelling or job.withdrawing is not None:
-                self._cancelled_running(job)
-            elif ev.killed_for == "preempt":
-                self.stats.preempted += 1
-                self._requeue(job, True)
-            else:
-                err: WorkerCrashed = ev.error.for_job(f"{job.label}#{job.id}")
-                self._failed(job, policy.CRASH, err, (), now)
-
-    def _end_run(self, job: Job) -> None:
-        del self.runs[job.run]
-        self.yielding.discard(job.run)
-        job.run = 0
-
-    def _requeue(self, job: Job, preempted: bool) -> None:
-        """Back to the front of its lane, without spending an attempt."""
-        if self.rec is not None:
-            self.rec.requeued(job, preempted)
-        job.state = QUEUED
-        self.queue.push(job.id, job.opts.priority, job.opts.hot, job.queued_at, front=True)
-
-    def _failed(self, job: Job, kind: str, error: BaseException, types: Any, now: float) -> None:
-        if job.cancelling:  # pool.cancel(kill=True) came first: it ends cancelled, not retried
-            self._cancelled_running(job)
-            return
-        if job.withdrawing is not None:  # it ran (and timed out) before its worker could give it back
-            self._withdrawn(job, False)
-        if job.history is None:
-            job.history = []
-        job.history.append((job.attempt, kind, describe(error), time.time()))
-        retry = job.opts.retries
-        if policy.should_retry(retry, job.attempt, kind, types):
-            delay = policy.backoff(retry, job.attempt, self._rng.random())
-            log.info("retry", job=job.id, name=job.label, attempt=job.attempt, kind=kind, pid=getattr(error, "pid", None), error=describe(error), delay=round(delay, 3))
-            if self.rec is not None:
-                self.rec.failed(job, kind, error, delay)
-            self.stats.retried += 1
-            job.attempt += 1
-            job.state = PENDING
-            self._timer(now + delay, _RETRY, job.id)
-            return
-        if kind == policy.CRASH:
-            log.warning("job_crashed", job=job.id, name=job.label, attempt=job.attempt, pid=getattr(error, "pid", None), error=str(error))
-        if self.rec is not None:
-            self.rec.failed(job, kind, error, None)
-        if kind != policy.ERROR:  # out of attempts after a crash or a timeout: kept to inspect and resubmit
-            self.dead.add(self._dead_letter(job, CRASHED if kind == policy.CRASH else TIMED_OUT))
-        self._settle(job, None, error)
-        self._finish(job, {policy.ERROR: FAILED, policy.CRASH: CRASHED, policy.TIMEOUT: TIMED_OUT}[kind])
-
-    def _finish(self, job: Job, state: str, result: Encoded | None = None) -> None:
-        job.state = state
-        del self.jobs[job.id]
-        job.release_args()
-        self.timings.finishes.append(self.now)
-        outcomes = self.outcomes
-        outcomes[job.id] = state == SUCCEEDED
-        if len(outcomes) >= _OUTCOMES_KEPT:  # two generations: between half and all of them are kept
-            self.outcomes_old, self.outcomes = outcomes, {}
-        if job.dependents:
-            self._release_dependents(job, state == SUCCEEDED, result, self.now)
-        s = self.stats
-        if state == SUCCEEDED:
-            s.succeeded += 1
-        elif state == CANCELLED:
-            s.cancelled += 1
-            if self.rec is not None and not self.killing:  # a caller's cancel, not terminate()
-                self.rec.cancelled(job)
-            for fut in job.followers or ():
-                if fut.cancel():
-                    fut.notify_cancelled()
-        else:
-            s.failed += 1
-            if state == CRASHED:
-                s.crashed += 1
-            elif state == TIMED_OUT:
-                s.timed_out += 1
-
-    # -- settling, and the journal ---------------------------------------------
-    def _settle(self, job: Job, result: Any, error: BaseException | None) -> None:
-        if self._hold is not None:  # fsync="always": once the turn's records are durable
-            self._hold((job.future, result, error, job.followers))
-        else:
-            resolve(job.future, result, error, job.followers)
-
-    def _promote(self, job: Job) -> bool:
-        """The job's own future was cancelled: let a follower's future own it, if any still waits."""
-        while job.followers:
-            fut = job.followers.pop(0)
-            if fut.set_running_or_notify_cancel():
-                job.future = fut
-                return True
-        return False
-
     def _schedule_job(self, spec: r.ScheduleSet) -> Job:
         """A firing of a schedule: an ordinary job with the schedule's call and options."""
         fut = JobFuture()
@@ -675,32 +531,6 @@ class Supervisor(Requests):
                 self._timer(now + retry_in, _RETRY, job.id)
             else:  # a preempted job goes first, as it would have
                 self.queue.push(job.id, job.opts.priority, job.opts.hot, now, front=bool(job.resume))
-
-    # -- timers ---------------------------------------------------------------
-    def _timer(self, when: float, kind: int, ref: int) -> None:
-        heapq.heappush(self.timers, (when, next(self._timer_seq), kind, ref))
-
-    def _fire_timers(self, now: float) -> None:
-        timers = self.timers
-        while timers and timers[0][0] <= now:
-            _, _, kind, ref = heapq.heappop(timers)
-            if kind == _TIMEOUT:
-                job = self.runs.get(ref)
-                if job is None or job.opts.timeout is None:
-                    continue
-                log.warning("job_timeout", job=job.id, name=job.label, attempt=job.attempt, timeout=job.opts.timeout)
-                self.backend.kill(ref, "timeout", now)
-                self._end_run(job)
-                self._failed(job, policy.TIMEOUT, JobTimeout(job.opts.timeout, f"{job.label}#{job.id}"), (), now)
-            elif kind == _CRON:
-                self.schedules.due(ref, time.time())
-            else:
-                job = self.jobs.get(ref)
-                if job is not None and job.state == PENDING:
-                    job.state = QUEUED
-                    if kind == _DUE:  # it starts waiting now: aging counts from here
-                        job.queued_at = now
-                    self.queue.push(job.id, job.opts.priority, job.opts.hot, job.queued_at, front=kind == _RETRY)
 
     # -- reading (any thread; values may be a turn old) -------------------------
     def snapshot(self) -> dict[str, Any]:
