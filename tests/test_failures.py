@@ -475,7 +475,7 @@ def test_timeout_with_retries(timeouts: bool, tmp_path: Path) -> None:
 def test_worker_dying_at_boot_degrades_the_pool_without_spinning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from procsched.backends import local as workers  # here, not at the top: workers import this module too
+    from procsched.backends import processes as workers  # here, not at the top: workers import this module too
 
     caplog.set_level(logging.DEBUG, logger="procsched")
     good = workers._BOOT_CMD

@@ -19,77 +19,33 @@ With the pool's ``log_dir`` set, it makes the directory, tells each worker
 where jobs' output goes (the worker redirects it, see ``joblog.py``), and caps
 the log of a job whose worker died under it, which the worker could not.
 
-It owns the processes: spawn (fork+exec of a fresh interpreter that imports
-only what a worker needs, with its fds passed explicitly, rather than
-``multiprocessing``'s or loky's start, which cannot pass them and cost an
-import of their own), the death sentinel (a pidfd), reaping, kill in steps
-(SIGTERM, a bounded grace, SIGKILL), respawn with backoff, and the
-degraded flag when workers keep dying at boot. It never decides a job's
-fate: it reports, and the supervisor applies its policy.
+It owns the processes too (spawn, reap, kill in steps, respawn with backoff,
+retire; ``processes.py``, the same object's other half). It never decides
+a job's fate: it reports, and the supervisor applies its policy.
 """
 
 from __future__ import annotations
 
-import pickle
 import os
 import select
 import signal
-import subprocess
-import sys
 import time
-from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from .. import joblog
-from ..errors import MemoryLimitExceeded, WorkerCrashed, describe_exit
 from ..ipc import frames, oob
 from ..ipc.doorbell import Doorbell
-from ..ipc.ring import W_RECALL, W_STARTED, W_STOP, W_YIELD, Channel
+from ..ipc.ring import W_RECALL, W_STARTED, W_YIELD
 from ..log import get_logger
 from ..model import PoolConfig
-from . import Event, Lost, Result, Returned, Started
+from . import Event, Result, Returned, Started
+from .processes import BOOTING, DEAD, READY, RETIRING, Processes, _Slot, rss
 
 log = get_logger("procsched.workers")
 
-BOOTING, READY, RETIRING, DEAD = "booting", "ready", "retiring", "dead"
-# argv[1] is the boot config, argv[2] the directory procsched is imported from
-# here, so the worker finds the same package whatever its default path holds.
-_BOOT_CMD = "import sys; sys.path.insert(0, sys.argv[2]); from procsched.worker import main; main()"
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-class _Slot:
-    """One worker position; its process comes and goes."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.state = DEAD
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.pid = 0
-        self.ch: Channel | None = None
-        self.bell: Doorbell | None = None
-        self.sentinel = -1
-        self.death_w = -1
-        self.outstanding: deque[int] = deque()  # dispatched, no outcome yet, in run order
-        self.track: set[int] = set()  # jobs whose start the supervisor wants to hear of
-        self.done = 0  # jobs finished by this process
-        self.booted_at = 0.0
-        self.kill_at = 0.0  # SIGKILL after this (0: none pending)
-        self.killing: dict[int, str] = {}  # job id -> why we are killing its worker
-        self.recalling = False
-        self.yield_deadline = 0.0
-        self.yield_job = 0
-        self.respawn_at = 0.0
-        self.last_rss = 0
-        self.surplus = False  # the pool shrank: retire it, and do not replace it
-
-    @property
-    def idle(self) -> bool:
-        return self.state == READY and not self.outstanding and not self.recalling
-
-
-class LocalBackend:
+class LocalBackend(Processes):
     def __init__(self, config: PoolConfig, prefix: str, sup_bell: Doorbell) -> None:
         # Absolute: a worker's directory is the caller's when it starts, not later.
         self.log_dir = os.path.abspath(config.log_dir) if config.log_dir else ""
@@ -115,177 +71,6 @@ class LocalBackend:
         self.poller = select.poll()
         self.poller.register(sup_bell.read_fd, select.POLLIN)
         self.by_sentinel: dict[int, _Slot] = {}
-
-    # -- processes ------------------------------------------------------------
-    def spawn_all(self, now: float) -> None:
-        for slot in self.slots:
-            self.spawn(slot, now)
-
-    def spawn(self, slot: _Slot, now: float) -> None:
-        cfg = self.config
-        ch = Channel.create(cfg.ring_bytes)
-        bell = Doorbell.create()
-        death_r, death_w = os.pipe()
-        boot = {
-            "channel": ch.fd,
-            "size": ch.size,
-            "bell": [bell.read_fd, bell.write_fd],
-            "sup_bell": self.sup_bell.write_fd,
-            "death": death_r,
-            "parent": os.getpid(),
-            "index": slot.index,
-            "prefix": self.prefix,
-            "path": sys.path,
-            "soft_rss": cfg.max_memory or 0,
-            "log_dir": self.log_dir,
-            "log_bytes": cfg.log_bytes,
-        }
-        fds = (ch.fd, *bell.fds(), self.sup_bell.write_fd, death_r)
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOT_CMD, pickle.dumps(boot).hex(), _ROOT],
-                pass_fds=fds,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # its own process group: a kill reaches what the job started
-            )
-        except OSError as e:
-            os.close(death_r)
-            os.close(death_w)
-            ch.close()
-            bell.close()
-            log.error("worker_spawn_failed", worker=slot.index, error=str(e))
-            self._boot_failed(slot, now)
-            return
-        os.close(death_r)
-        previous = slot.pid
-        slot.proc, slot.pid, slot.ch, slot.bell, slot.death_w = proc, proc.pid, ch, bell, death_w
-        slot.state, slot.booted_at, slot.done = BOOTING, now, 0
-        slot.kill_at, slot.killing, slot.recalling, slot.yield_job = 0.0, {}, False, 0
-        slot.sentinel = os.pidfd_open(proc.pid)
-        self.by_sentinel[slot.sentinel] = slot
-        self.poller.register(slot.sentinel, select.POLLIN)
-        if previous:
-            log.info("worker_respawned", worker=slot.index, pid=proc.pid, previous=previous)
-        else:
-            log.debug("worker_spawned", worker=slot.index, pid=proc.pid)
-
-    def _boot_failed(self, slot: _Slot, now: float) -> None:
-        self.boot_failures += 1
-        delay = min(self.config.respawn_backoff * 2 ** (self.boot_failures - 1), self.config.respawn_backoff_max)
-        slot.state, slot.respawn_at = DEAD, now + delay
-        if self.boot_failures >= 3:
-            log.warning("pool_degraded", worker=slot.index, boot_failures=self.boot_failures, retry_in=round(delay, 3))
-
-    @property
-    def degraded(self) -> bool:
-        return self.boot_failures >= 3
-
-    def _reap(self, slot: _Slot, now: float) -> None:
-        """The worker's process has exited: settle its jobs, then respawn."""
-        assert slot.proc is not None and slot.ch is not None
-        self._drain(slot, now)  # outcomes it published before dying still count
-        self._signal(slot, signal.SIGKILL)  # what its jobs started goes with it (not yet reaped: safe)
-        code = slot.proc.wait()
-        started = slot.ch.words[W_STARTED]
-        booting = slot.state == BOOTING
-        stopped = slot.state == RETIRING and not slot.outstanding and code == 0
-        if stopped:
-            log.debug("worker_exited", worker=slot.index, pid=slot.pid, exitcode=code)
-        else:  # runs are the backend's ids; the supervisor logs each job's fate by job id
-            killed_for = sorted(set(slot.killing.values()))
-            (log.info if killed_for else log.warning)(
-                "worker_killed" if killed_for else "worker_died",
-                worker=slot.index,
-                pid=slot.pid,
-                exit=describe_exit(code),
-                killed_for=killed_for or None,
-                runs=list(slot.outstanding)[:3] or None,
-            )
-        logs = self.log_jobs
-        for job_id in slot.outstanding:
-            self.by_job.pop(job_id, None)
-            job = logs.pop(job_id, 0) if logs is not None else 0
-            if job_id == started:
-                if job:  # its worker died before it could cap the job's log
-                    joblog.cap_path(joblog.log_path(self.log_dir, job), self.config.log_bytes)
-                why = slot.killing.get(job_id, "")
-                err = self._crash_error(slot, code, why)
-                self.events.append(Lost(job_id, err, why))
-            else:
-                self.events.append(Returned(job_id))
-        slot.outstanding.clear()
-        slot.track.clear()
-        self._close(slot)
-        if self.closing:
-            slot.state = DEAD
-            return
-        if slot.surplus:  # the pool shrank: this one leaves
-            slot.state = DEAD
-            self.slots.remove(slot)
-            return
-        if booting:
-            log.error("worker_boot_failed", worker=slot.index, pid=slot.pid, exitcode=code)
-            self._boot_failed(slot, now)
-        else:
-            if not stopped:
-                self.restarts += 1
-            slot.state, slot.respawn_at = DEAD, now
-
-    def _crash_error(self, slot: _Slot, code: int | None, why: str) -> WorkerCrashed:
-        limit = self.config.max_memory_hard or 0
-        if why == "memory":
-            return MemoryLimitExceeded(slot.last_rss, limit, slot.pid)
-        return WorkerCrashed(code, slot.pid)
-
-    def _close(self, slot: _Slot) -> None:
-        if slot.sentinel >= 0:
-            self.poller.unregister(slot.sentinel)
-            self.by_sentinel.pop(slot.sentinel, None)
-            os.close(slot.sentinel)
-            slot.sentinel = -1
-        for fd in (slot.death_w,):
-            if fd >= 0:
-                os.close(fd)
-        slot.death_w = -1
-        if slot.ch is not None:
-            slot.ch.close()
-            slot.ch = None
-        if slot.bell is not None:
-            slot.bell.close()
-            slot.bell = None
-        slot.proc = None
-
-    def _signal(self, slot: _Slot, sig: int) -> None:
-        """Signal the worker and every process its job started (its process group).
-
-        Only while the worker is unreaped, so its pid (the group's id) cannot
-        have been reused by anyone else.
-        """
-        if slot.proc is not None and slot.proc.returncode is None:
-            try:
-                os.killpg(slot.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def kill(self, job_id: int, reason: str, now: float) -> bool:
-        """Stop the worker that runs ``job_id``: SIGTERM now, SIGKILL after the grace."""
-        slot = self.by_job.get(job_id)
-        if slot is None or slot.proc is None:
-            return False
-        self._kill_slot(slot, reason, now, job_id)
-        return True
-
-    def _kill_slot(self, slot: _Slot, reason: str, now: float, job_id: int = 0, sig: int = signal.SIGTERM) -> None:
-        if job_id:
-            slot.killing[job_id] = reason
-        if slot.state != DEAD:
-            slot.state = RETIRING
-        log.info("worker_kill", worker=slot.index, pid=slot.pid, run=job_id or None, reason=reason)
-        assert slot.ch is not None
-        slot.ch.words[W_STOP] = 1
-        self._signal(slot, sig)
-        if sig != signal.SIGKILL and not slot.kill_at:
-            slot.kill_at = now + self.config.kill_grace
 
     # -- dispatch -------------------------------------------------------------
     def _limit(self) -> int:
@@ -535,37 +320,6 @@ class LocalBackend:
         elif self.config.max_tasks_per_child and slot.done >= self.config.max_tasks_per_child and slot.state == READY:
             self.retire(slot)
 
-    def resize(self, workers: int, now: float) -> None:
-        """Grow at once; shrink by retiring the surplus workers (the job each runs finishes,
-        the ones queued on it go elsewhere), which then leave the pool."""
-        live = [s for s in self.slots if not s.surplus]
-        for slot in live[workers:]:
-            slot.surplus = True
-            self.retire(slot)  # (a booting one is retired by tick() once it is ready)
-        for slot in [s for s in self.slots if s.surplus][: max(0, workers - len(live))]:
-            slot.surplus = False  # shrunk, then grown again before it left: replaced as a recycled worker is
-        while sum(1 for s in self.slots if not s.surplus) < workers:
-            slot = _Slot(max((s.index for s in self.slots), default=-1) + 1)
-            self.slots.append(slot)
-            self.spawn(slot, now)
-
-    def retire(self, slot: _Slot) -> None:
-        """Take no more jobs on this worker; stop it once its queue is empty."""
-        if slot.state != READY:
-            return
-        slot.state = RETIRING
-        if slot.outstanding:
-            self._recall(slot)  # its unbegun jobs go elsewhere
-        else:
-            self._stop(slot)
-
-    def _stop(self, slot: _Slot) -> None:
-        assert slot.ch is not None and slot.bell is not None
-        slot.ch.words[W_STOP] = 1
-        slot.bell.ring()
-        if not slot.kill_at:
-            slot.kill_at = time.monotonic() + self.config.kill_grace + 1.0
-
     # -- time -----------------------------------------------------------------
     def next_deadline(self) -> float:
         best = float("inf")
@@ -597,45 +351,6 @@ class LocalBackend:
         if self.config.max_memory_hard and now >= self.next_memory_check:
             self.next_memory_check = now + self.config.memory_check_interval
             self._check_memory(now)
-
-    def _check_memory(self, now: float) -> None:
-        limit = self.config.max_memory_hard
-        assert limit
-        for s in self.slots:
-            if s.state in (READY, RETIRING) and s.pid and not s.killing:
-                used = rss(s.pid)
-                if used > limit:
-                    s.last_rss = used
-                    job = s.outstanding[0] if s.outstanding else 0
-                    log.warning("worker_memory_exceeded", worker=s.index, pid=s.pid, run=job or None, rss=used, limit=limit)
-                    self._kill_slot(s, "memory", now, job, sig=signal.SIGKILL)
-
-    # -- shutdown -------------------------------------------------------------
-    def close(self, deadline: float) -> None:
-        """Stop every worker: ask, wait until ``deadline``, then SIGKILL; reap all."""
-        self.closing = True
-        for s in self.slots:
-            if s.ch is not None and s.bell is not None:
-                s.ch.words[W_STOP] = 1
-                s.bell.ring()
-        for s in self.slots:
-            if s.proc is None:
-                continue
-            ms = max(0, int((deadline - time.monotonic()) * 1000))
-            exited: list[tuple[int, int]] = []
-            if s.sentinel >= 0:  # poll, not select: a pidfd may be numbered past FD_SETSIZE
-                waiter = select.poll()
-                waiter.register(s.sentinel, select.POLLIN)
-                exited = waiter.poll(ms)
-            # SIGKILL to the group either way: a worker past the deadline, and
-            # whatever its jobs started. It is still unreaped, so the id is ours.
-            self._signal(s, signal.SIGKILL)
-            if not exited:
-                log.warning("worker_kill_at_shutdown", worker=s.index, pid=s.pid)
-            s.proc.wait()
-            self._close(s)
-            s.state = DEAD
-        self.poller.unregister(self.sup_bell.read_fd)
 
     def workers_status(self, now: float, job_of: Any) -> list[dict[str, Any]]:
         """Each worker: pid, RSS, the job it runs (``job_of(run)``: (id, name) or None), uptime."""
@@ -671,10 +386,3 @@ def _accepting(slot: _Slot, booting: bool) -> bool:
     """
     return (slot.state == READY or (booting and slot.state == BOOTING)) and not slot.recalling
 
-
-def rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
