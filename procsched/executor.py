@@ -251,13 +251,15 @@ class Pool(_Submitter, Controls, Executor):
         return answer[0]
 
     # -- for the service ----------------------------------------------------------
-    def drain(self) -> None:
-        """Start no more jobs (queued ones stay queued, and journaled); running ones go on."""
-        done = threading.Event()
-        self._sup.post(("drain", done))
+    def drain(self) -> threading.Event:
+        """Start no more jobs (queued ones stay queued, and journaled); running ones go on.
+        The event returned is set once no job runs."""
+        done, idle = threading.Event(), threading.Event()
+        self._sup.post(("drain", done, idle))
         while not done.wait(0.5):
             if self._sup.ended:
-                return
+                break
+        return idle
 
     def running(self) -> int:
         """How many jobs are on workers now (a turn old at most)."""

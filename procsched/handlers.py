@@ -21,7 +21,7 @@ from .futures import EncodedError, JobFuture
 from .ipc import frames
 from .model import DEFAULT_OPTIONS, JobOptions, RetryPolicy, make_options
 from .schedule import parse_cron
-from .submit import check_schedule
+from .submit import _check_key, check_schedule
 
 if TYPE_CHECKING:
     from .server import Front
@@ -62,8 +62,8 @@ def check_spec(s: p.JobSpec, pool: Any, fns: dict[int, bytes]) -> bytes:
         raise ValueError("the job has no function" if isinstance(s.fn, bytes) else f"function {s.fn} was never defined on this connection")
     if s.options not in _VALID_OPTIONS:
         _check_options(s.options)
-    if s.key is not None and isinstance(s.key, int) and not -(1 << 63) <= s.key < (1 << 64):
-        raise ValueError(f"option 'key' must fit in 64 bits, not {s.key}")
+    if s.key is not None:
+        _check_key(s.key)  # the same check, and message, as options(key=)
     if not math.isfinite(s.not_before):
         raise ValueError("the job's start time is not a finite number")
     if s.dep_policy not in ("cancel", "run"):

@@ -238,12 +238,13 @@ class _Service:
             notifier.stopping(f"draining: {pool.running()} running")
         front.draining = True
         front.stop_listening()
-        pool.drain()
+        idle = pool.drain()
         deadline = self.service.drain_timeout
         log.info("draining", running=pool.running(), queued=pool.stats()["queued"], deadline_s=deadline)
         end = time.monotonic() + deadline
-        while pool.running() and time.monotonic() < end and not pool._sup.ended:
-            time.sleep(0.01)  # (the loop owns the jobs; a turn-old count is all this needs)
+        while time.monotonic() < end and not pool._sup.ended:  # woken when the last running job ends
+            if idle.wait(min(0.5, max(0.0, end - time.monotonic()))):
+                break
         left = pool.running()
         journaled = self.journal is not None
         if left:

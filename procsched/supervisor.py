@@ -111,6 +111,7 @@ class Supervisor(Outcomes):
         self.killing = False
         #: a service stopping: queued jobs stay queued (and journaled), running ones may finish
         self.draining = False
+        self.drained: threading.Event | None = None  # set once draining and no job runs
         #: (interval, callback) the loop calls every ``interval`` seconds (systemd's watchdog)
         self.heartbeat: tuple[float, Callable[[], None]] | None = None
         self.beat_at = float("inf")
@@ -270,6 +271,8 @@ class Supervisor(Outcomes):
                 self.rec.end_turn()
             if self.front is not None:
                 self.front.flush()
+            if self.drained is not None and not self.runs:
+                self.drained.set()
             if self.closing and not self.jobs and not self.intake:
                 break
             if now >= self.beat_at:
@@ -328,9 +331,10 @@ class Supervisor(Outcomes):
             elif msg[0] == "heartbeat":
                 self.heartbeat = msg[1]
                 self._beat(now)
-            elif msg[0] == "drain":
+            elif msg[0] == "drain":  # (drain, accepted, idle): idle is set once no job runs
                 self.draining = True
                 self.schedules.stopped = True
+                self.drained = msg[2]
                 msg[1].set()
             elif msg[0] == "shutdown":  # (shutdown, cancel_futures, kill, seconds the workers get to stop)
                 self._dispatch(now, booting=True)  # what was submitted before may still take a worker

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import pytest
 
@@ -81,11 +81,16 @@ def our_segments(pid: int | None = None) -> list[str]:
         return []
 
 
-@pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    yield
+def wait_no_leaks(keep: Collection[int] = ()) -> None:
+    """Until this process has no child but ``keep`` and no shared-memory segment; fail past the deadline."""
     end = time.monotonic() + LEAK_DEADLINE
-    while children() or our_segments():
+    while [pid for pid in children() if pid not in keep] or our_segments():
         if time.monotonic() > end:
             pytest.fail(f"leaked after the test: processes {children()}, shared memory {our_segments()}")
         time.sleep(0.01)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    yield
+    wait_no_leaks()

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import LEAK_DEADLINE, alive, children, our_segments, wait_for
+from conftest import alive, wait_for, wait_no_leaks
 from servicectl import Service
 
 import procsched
@@ -45,11 +45,7 @@ def no_leaks(svc: Service) -> Iterator[None]:
     """conftest's check, except for the module's service, which outlives the tests."""
     yield
     assert svc.proc is not None
-    end = time.monotonic() + LEAK_DEADLINE
-    while [pid for pid in children() if pid != svc.proc.pid] or our_segments():
-        if time.monotonic() > end:
-            pytest.fail(f"leaked after the test: processes {children()}, shared memory {our_segments()}")
-        time.sleep(0.01)
+    wait_no_leaks(keep=(svc.proc.pid,))
 
 
 def cli(svc: Service, *args: str, address: bool = True) -> subprocess.CompletedProcess[str]:

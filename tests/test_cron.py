@@ -46,7 +46,7 @@ def test_a_schedule_fires_pauses_resumes_triggers_and_goes(tmp_path: Path) -> No
         (listed,) = pool.schedules()
         assert listed["name"] == "ticker" and listed["runs"] >= 3 and not listed["paused"]
         assert pool.pause("ticker")
-        time.sleep(0.05)  # a firing already queued may still land
+        wait_for(lambda: not pool.jobs(name="tick"), RESULT, "a firing already queued to land")
         paused_at = len(lines(log))
         time.sleep(0.3)
         assert len(lines(log)) == paused_at, "a paused schedule does not fire"
