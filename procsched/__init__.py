@@ -40,6 +40,7 @@ _EXPORTS = {
     "RemoteError": "errors",
     "RemoteTraceback": "errors",
     "WorkerCrashed": "errors",
+    "WorkerLost": "errors",
     "MemoryLimitExceeded": "errors",
     "JobTimeout": "errors",
     "Preempted": "errors",
@@ -47,7 +48,11 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
+#: subpackages reachable as attributes (``procsched.backends.Ray``) without an import of their own
+_SUBPACKAGES = ("backends",)
+
 if TYPE_CHECKING:  # "X as X": explicit re-exports, so strict type checkers see them
+    from . import backends as backends
     from .client import Client as Client
     from .client import connect as connect
     from .config import ConfigError as ConfigError
@@ -65,6 +70,7 @@ if TYPE_CHECKING:  # "X as X": explicit re-exports, so strict type checkers see 
     from .errors import RemoteTraceback as RemoteTraceback
     from .errors import SerializationError as SerializationError
     from .errors import WorkerCrashed as WorkerCrashed
+    from .errors import WorkerLost as WorkerLost
     from .executor import Pool as Pool
     from .executor import PoolView as PoolView
     from .futures import JobFuture as JobFuture
@@ -78,6 +84,8 @@ if TYPE_CHECKING:  # "X as X": explicit re-exports, so strict type checkers see 
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'procsched' has no attribute {name!r}")

@@ -78,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--log-level", dest="log_level", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--log-format", dest="log_format", choices=("auto", "console", "json"))
     serve.add_argument("--metrics", help="serve Prometheus metrics on host:port")
+    serve.add_argument("--backend", choices=("local", "ray"), help="what runs the jobs (default: local worker processes)")
+    serve.add_argument("--ray-address", dest="ray_address", help="with --backend ray: the cluster (default: auto)")
     journal = sub.add_parser("journal", help="inspect, verify or compact a journal")
     jsub = journal.add_subparsers(dest="action", required=True)
     inspect = jsub.add_parser("inspect", help="list the jobs a journal holds")

@@ -376,7 +376,8 @@ def status(c: Client, args: argparse.Namespace, out: TextIO) -> int:
     out.write("jobs: " + ", ".join(f"{stats.get(k, 0)} {k.replace('_', ' ')}" for k in counts) + f"; {_count_of(st.get('restarts', 0), 'worker restart')}\n")
     rows = [[str(x["index"]), cell("pid", x.get("pid")), str(x["state"]), mib(x["rss"]) if x.get("rss") else "-",
              cell("job", x.get("job")), cell("name", x.get("name")),
-             duration(x["uptime_s"]) if x.get("uptime_s") is not None else "-", str(x.get("jobs_done", 0))] for x in workers]  # fmt: skip
+             duration(x["uptime_s"]) if x.get("uptime_s") is not None else "-",
+             "-" if x.get("jobs_done") is None else str(x["jobs_done"])] for x in workers]  # fmt: skip
     table(out, list(_WORKER_COLUMNS), rows)
     return 0
 

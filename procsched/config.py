@@ -54,6 +54,11 @@ class ServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     metrics: str = ""
     #: seconds between STATUS= updates to systemd
     status_interval: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    #: what runs the jobs: "local" worker processes, or "ray" (a Ray cluster; needs procsched[ray])
+    backend: Literal["local", "ray"] = "local"
+    #: with backend = "ray": the cluster ("auto": the one this machine belongs to, "host:port",
+    #: "ray://head:10001"; "": a Ray of the service's own)
+    ray_address: str = "auto"
 
 
 class ConfigError(PoolError, ValueError):
@@ -124,6 +129,8 @@ _ENV = {
     "PROCSCHED_LOG_LEVEL": "log_level",
     "PROCSCHED_LOG_FORMAT": "log_format",
     "PROCSCHED_METRICS": "metrics",
+    "PROCSCHED_BACKEND": "backend",
+    "PROCSCHED_RAY_ADDRESS": "ray_address",
 }
 
 

@@ -111,6 +111,20 @@ class WorkerCrashed(JobFailed):
         return f"worker {self.pid} running {what} died with {describe_exit(self.exitcode)}{tail}"
 
 
+class WorkerLost(WorkerCrashed):
+    """The executor running the job was lost, where no exit status can be known (a Ray
+    worker or node that died, a task killed from outside); ``detail`` says what was seen."""
+
+    def __init__(self, detail: str, job: str = "") -> None:
+        super().__init__(None, 0, job)
+        self.args = (detail, job)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        what = f"job {self.job}" if self.job else "the job"
+        return f"the worker running {what} was lost: {self.detail}"
+
+
 class MemoryLimitExceeded(WorkerCrashed):
     """The worker passed its hard memory cap while running the job and was killed."""
 

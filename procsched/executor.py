@@ -37,6 +37,7 @@ from .config import load_settings
 from .controls import Controls
 from .errors import PoolError
 from .futures import JobFuture
+from . import backends
 from .ipc import oob
 from .jobs import Job
 from .model import DEFAULT_OPTIONS, JobOptions, JournalConfig, Key, PoolConfig
@@ -55,17 +56,29 @@ class Pool(_Submitter, Controls, Executor):
     over it after a job is replaced), ``max_memory_hard`` (a worker over it
     during a job is killed and the job fails with ``MemoryLimitExceeded``),
     ``aging_rate``, ``kill_grace``, ``preempt_grace``, ...
+
+    ``backend`` chooses what runs the jobs: this machine's worker processes
+    (the default, ``procsched.backends.Local()``) or a Ray cluster
+    (``procsched.backends.Ray(address="auto")``; ``max_workers`` then caps
+    the jobs running at once, and defaults to the cluster's CPU count).
     """
 
-    def __init__(self, max_workers: int | None = None, *, journal: str | os.PathLike[str] | JournalConfig | None = None, **config: Any) -> None:
-        if max_workers is None:
-            import loky  # here, not at the top: it costs ~60 ms to import, and only this needs it
-
-            max_workers = loky.cpu_count()
-        if isinstance(max_workers, bool) or not isinstance(max_workers, int):
-            raise TypeError(f"max_workers must be an int or None, not {type(max_workers).__name__}")
-        if max_workers <= 0:
-            raise ValueError("max_workers must be greater than 0")
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        journal: str | os.PathLike[str] | JournalConfig | None = None,
+        backend: backends.Spec | str | None = None,
+        **config: Any,
+    ) -> None:
+        spec = backends.choose(backend)
+        if max_workers is not None:
+            if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+                raise TypeError(f"max_workers must be an int or None, not {type(max_workers).__name__}")
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+        else:
+            max_workers = spec.default_workers()
         if config.get("max_tasks_per_child") is None:
             config.pop("max_tasks_per_child", None)
         for key in ("max_memory", "max_memory_hard"):
@@ -76,7 +89,7 @@ class Pool(_Submitter, Controls, Executor):
         except TypeError as e:
             raise TypeError(f"Pool(): {e}") from None
         _check_config(self._config)
-        self._max_workers = max_workers
+        self._workers = max_workers  # 0: as many as the backend has room for (a Ray cluster's CPUs)
         self._pool = self
         self._opts = DEFAULT_OPTIONS
         self._encoder = CallEncoder()
@@ -86,7 +99,7 @@ class Pool(_Submitter, Controls, Executor):
         self._closed = False
         oob.sweep_orphans()
         self._prefix = oob.pool_prefix(f"{id(self):x}")
-        self._sup = Supervisor(self._config, self._prefix, _journal_config(journal))
+        self._sup = Supervisor(self._config, self._prefix, _journal_config(journal), spec)
         self._ids = itertools.count(self._sup.first_job_id)
         self._sup.new_id = self._ids.__next__  # (a schedule's firings are jobs too)
         self._keys = KeyedFutures()
@@ -228,7 +241,12 @@ class Pool(_Submitter, Controls, Executor):
     # -- introspection --------------------------------------------------------
     @property
     def max_workers(self) -> int:
-        return self._max_workers
+        """Jobs that run at once: the pool's setting, or a Ray cluster's CPU count now."""
+        return self._workers or self._sup.backend.capacity
+
+    @property
+    def _max_workers(self) -> int:  # the name the stdlib's executors use (submit.py's map reads it)
+        return self.max_workers
 
     @property
     def degraded(self) -> bool:
@@ -282,11 +300,11 @@ class Pool(_Submitter, Controls, Executor):
         fixed = [f for f in changed if f in ("aging_rate", "log_dir")]
         if fixed:
             raise ValueError(f"{', '.join(fixed)} cannot change while the pool runs")
-        if isinstance(new.max_workers, bool) or not isinstance(new.max_workers, int) or new.max_workers <= 0:
+        if isinstance(new.max_workers, bool) or not isinstance(new.max_workers, int) or new.max_workers < 0 or (new.max_workers == 0 and old.max_workers):
             raise ValueError(f"max_workers must be a positive int, not {new.max_workers!r}")
         if changed:
             self._sup.post(("reconfigure", new))
-            self._config, self._max_workers = new, new.max_workers
+            self._config, self._workers = new, new.max_workers
         return changed
 
     def set_heartbeat(self, interval: float, beat: Callable[[], None]) -> None:
@@ -317,7 +335,7 @@ class Pool(_Submitter, Controls, Executor):
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<procsched.Pool max_workers={self._max_workers} {state}>"
+        return f"<procsched.Pool max_workers={self.max_workers} {state}>"
 
 
 def _in_flight(sup: Supervisor, job_id: int) -> bool:

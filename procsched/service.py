@@ -28,6 +28,10 @@ reloads what can change live: the log level, the worker count and the
 pool's limits, who may connect, the status interval; other changes are
 logged as needing a restart.
 
+With ``backend = "ray"`` (``--backend ray --ray-address ADDR``) the same
+supervisor, journal and clients drive a Ray cluster (``backends/ray.py``);
+a job's output then goes to Ray's worker logs, not to a file of its own.
+
 Each job's output goes to ``<state_dir>/logs/<epoch>/<job>.log``: the
 epoch names the job-id space (``server.py``), so a new space (no journal,
 or a new one) never appends to an old job's log. Logs of other epochs and
@@ -50,6 +54,7 @@ from typing import Any
 
 import msgspec
 
+from . import backends
 from . import log as logs
 from . import protocol as p
 from .config import ConfigError, ServiceConfig, service_settings, state_dir
@@ -147,13 +152,18 @@ class _Service:
         epoch = _epoch(self.journal)
         settings = dict(self.pool_settings)
         log_root = ""
-        if service.job_logs and not settings.get("log_dir"):
+        backend: backends.Spec = backends.Local()
+        if service.backend == "ray":  # a job's output goes to Ray's worker logs: no per-job files
+            backend = backends.Ray(address=service.ray_address or None)
+        elif service.job_logs and not settings.get("log_dir"):
             log_root = os.path.join(state, "logs")
             settings["log_dir"] = os.path.join(log_root, epoch)
         try:
-            self.pool = pool = Pool(settings.pop("max_workers", None), journal=self.journal, **settings)  # replays the journal
+            self.pool = pool = Pool(settings.pop("max_workers", None), journal=self.journal, backend=backend, **settings)  # replays the journal
         except (ValueError, TypeError) as e:  # a setting out of range
             raise ConfigError(f"{self.config or 'settings'}: {e}") from None
+        except ImportError as e:  # backend = "ray" without Ray installed
+            raise ConfigError(str(e)) from None
         metrics = None
         try:
             pool._sup.on_end = signals.wake.set  # the loop ending is fatal: wake the main thread

@@ -70,8 +70,10 @@ class Front(Protocol):
     """What a front door gives the shared methods."""
 
     _encoder: CallEncoder
-    _max_workers: int
     _keys: KeyedFutures
+
+    @property
+    def _max_workers(self) -> int: ...
 
     def _check_open(self) -> None: ...
     def _make_job(self, opts: JobOptions, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], label: str | None = None, key: Key | None = None) -> Job: ...

@@ -72,8 +72,7 @@ from .recorder import Recorder
 from .outcomes import _CRON, _DUE, _RETRY, Outcomes
 from .requests import WAITING
 from .schedules import Schedules
-from .backends import Backend
-from .backends.local import LocalBackend
+from .backends import Backend, Local, Spec
 
 log = get_logger("procsched.supervisor")
 
@@ -84,16 +83,17 @@ _BACKSTOP_MS = 1000
 
 
 class Supervisor(Outcomes):
-    def __init__(self, config: PoolConfig, prefix: str, journal: JournalConfig | None = None) -> None:
+    def __init__(self, config: PoolConfig, prefix: str, journal: JournalConfig | None = None, backend: Spec | None = None) -> None:
         self.config = config
         self.prefix = prefix
         # The journal (None without one), opened first: a locked or damaged
         # journal fails the pool before anything else is made.
         self.rec = None if journal is None else Recorder(journal)
+        self.bell = Doorbell.create()
         try:
-            self.bell = Doorbell.create()
-            self.backend: Backend = LocalBackend(config, prefix, self.bell)
+            self.backend: Backend = (backend or Local()).open(config, prefix, self.bell)
         except BaseException:
+            self.bell.close()
             if self.rec is not None:
                 self.rec.close()
             raise

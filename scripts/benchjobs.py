@@ -47,3 +47,18 @@ def make_array(nbytes: int) -> Any:
     import numpy as np
 
     return np.ones(nbytes // 8)
+
+
+def burn(seconds: float) -> float:
+    """Keep a CPU busy for ``seconds`` (a CPU-bound job of a known length)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return seconds
+
+
+def crash_noted(path: str) -> None:
+    """Write the wall-clock time, then SIGKILL ourselves (how fast is a crash reported?)."""
+    with open(path, "w") as f:
+        f.write(repr(time.time()))
+    os.kill(os.getpid(), signal.SIGKILL)

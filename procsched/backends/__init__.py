@@ -1,10 +1,12 @@
 """The seam between the supervisor and what runs its jobs.
 
 The supervisor decides (which job, when, retry or not, what a death means);
-a backend executes and reports. The local pool of worker processes
-(``backends/local.py``) is the one implementation today; the interface is
-written down here, as :class:`Backend`, so another engine can stand behind
-the same supervisor without it branching on which one it has.
+a backend executes and reports. Two implement the interface written down
+here as :class:`Backend`: the local pool of worker processes
+(``backends/local.py``, the default) and a Ray cluster (``backends/ray.py``);
+the supervisor does not branch on which one it has. A user chooses with a
+small spec, ``Pool(backend=procsched.backends.Ray(address="auto"))``; the
+spec opens the backend inside the supervisor (:class:`Local`, :class:`Ray`).
 
 A backend knows jobs only by *run id* (a fresh one per attempt, chosen by
 the supervisor), carries their payloads as opaque bytes (``frames.Dispatch``)
@@ -16,13 +18,14 @@ report, and answers ``prepare_sleep()`` with False when it already has.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ..errors import WorkerCrashed
 
 if TYPE_CHECKING:
     from ..ipc import frames
+    from ..ipc.doorbell import Doorbell
     from ..model import PoolConfig
 
 
@@ -73,6 +76,11 @@ class Backend(Protocol):
         ...
 
     # -- capacity and placement ----------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """How many runs execute at once now (the pool's ``max_workers`` reads it when it is 0)."""
+        ...
+
     def spawn_all(self, now: float) -> None: ...
     def headroom(self, booting: bool = False) -> int:
         """How many more runs may be placed now (the prefetch included)."""
@@ -133,3 +141,80 @@ class Backend(Protocol):
 
     def stats(self) -> dict[str, object]: ...
     def workers_status(self, now: float, job_of: Any) -> list[dict[str, Any]]: ...
+
+
+# -- choosing one ----------------------------------------------------------------------
+class Local:
+    """Worker processes on this machine, fed through shared-memory rings (the default)."""
+
+    name = "local"
+
+    def default_workers(self) -> int:
+        import loky  # here, not at the top: it costs ~60 ms to import, and only this needs it
+
+        return int(loky.cpu_count())  # cgroup quota and affinity aware
+
+    def open(self, config: PoolConfig, prefix: str, bell: Doorbell) -> Backend:
+        from .local import LocalBackend
+
+        return LocalBackend(config, prefix, bell)
+
+    def __repr__(self) -> str:
+        return "Local()"
+
+
+class Ray:
+    """Jobs run as Ray tasks on a Ray cluster (``pip install 'procsched[ray]'``).
+
+    ``address``: the cluster to join (``"auto"``, ``"ray://head:10001"``, ``"host:port"``);
+    None starts a Ray of this machine's own, or uses the one ``ray.init()`` already made.
+    ``window``: tasks handed to Ray beyond its free CPUs, so a CPU that comes free starts
+    the next job without a round trip (jobs with a timeout wait here instead, so their clock
+    starts when they do). ``spread``: ask Ray to spread jobs over the nodes rather than pack
+    them. ``init``: more keywords for ``ray.init`` (``runtime_env``, ``namespace``, ...).
+    The pool's ``max_workers`` caps how many jobs run at once; without it, as many as the
+    cluster has CPUs, followed as nodes join and leave.
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, *, window: int = 1, spread: bool = False, init: Mapping[str, Any] | None = None) -> None:
+        if address is not None and (not isinstance(address, str) or not address):
+            raise ValueError(f"Ray(address=...) must be a non-empty str or None, not {address!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"Ray(window=...) must be a non-negative int, not {window!r}")
+        if init is not None and not isinstance(init, Mapping):
+            raise TypeError(f"Ray(init=...) must be a mapping of ray.init keywords, not {type(init).__name__}")
+        self.address = address
+        self.window = window
+        self.spread = bool(spread)
+        self.init = dict(init or {})
+
+    def default_workers(self) -> int:
+        return 0  # the cluster's CPUs
+
+    def open(self, config: PoolConfig, prefix: str, bell: Doorbell) -> Backend:
+        try:
+            from .ray import RayBackend
+        except ImportError as e:
+            if e.name != "ray":
+                raise
+            raise ImportError("the Ray backend needs Ray: pip install 'procsched[ray]'") from e
+        return RayBackend(self, config, bell)
+
+    def __repr__(self) -> str:
+        return f"Ray(address={self.address!r}, window={self.window}, spread={self.spread})"
+
+
+Spec = Local | Ray
+
+
+def choose(backend: Spec | str | None) -> Spec:
+    """The spec a ``backend=`` argument names (None and ``"local"``: :class:`Local`)."""
+    if backend is None or backend == "local":
+        return Local()
+    if backend == "ray":
+        return Ray()
+    if isinstance(backend, (Local, Ray)):
+        return backend
+    raise TypeError(f"backend must be procsched.backends.Local(), procsched.backends.Ray(...), 'local' or 'ray', not {backend!r}")

@@ -72,6 +72,10 @@ class LocalBackend(Processes):
         self.poller.register(sup_bell.read_fd, select.POLLIN)
         self.by_sentinel: dict[int, _Slot] = {}
 
+    @property
+    def capacity(self) -> int:
+        return self.config.max_workers
+
     # -- dispatch -------------------------------------------------------------
     def _limit(self) -> int:
         cfg = self.config

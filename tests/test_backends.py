@@ -1,0 +1,288 @@
+"""The core behaviour, once per backend: the local worker pool and a local Ray.
+
+Each test takes ``backend`` (a module-scoped fixture with two params) and
+builds its pools with it, so the same assertions hold for both: crashes
+and retries, timeouts, cooperative and forced preemption with checkpoints,
+retries with backoff, dependencies and continuations, a schedule firing,
+``cancel(kill=True)``, and a journal that lets a rerun skip finished work.
+
+The Ray half is the ``ray`` mark (``-m "not ray"`` skips it); it starts one
+Ray for the module (``ray.init(num_cpus=2)``, 5-10 s) with authentication
+tokens and usage reports off and its session files in a temporary
+directory, and stops it at the end. Ray's own processes are this process's
+children while it runs, so the leak check keeps them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import await_file, children, wait_for, wait_no_leaks
+
+import procsched
+from procsched import backends
+
+WAIT = 30.0  # a Ray worker killed by a timeout takes up to 2 s to come back on 2 cores
+_ray_processes: set[int] = set()
+
+
+@pytest.fixture(scope="module", params=["local", pytest.param("ray", marks=pytest.mark.ray)])
+def backend(request: pytest.FixtureRequest) -> Iterator[backends.Spec]:
+    if request.param == "local":
+        yield backends.Local()
+        return
+    ray = pytest.importorskip("ray")
+    temp = tempfile.mkdtemp(prefix="psray")  # short: Ray's socket paths live under it
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "disabled")  # no token file written under ~/.ray
+        env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        before = set(children())
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+        _ray_processes.update(set(children()) - before)
+        try:
+            yield backends.Ray()
+        finally:
+            ray.shutdown()
+            _ray_processes.clear()
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(backend: backends.Spec) -> Iterator[None]:
+    """The conftest check, keeping the processes of the module's Ray."""
+    yield
+    wait_no_leaks(keep=_ray_processes)
+
+
+def _append(path: str, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+# -- job functions -------------------------------------------------------------------
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def crash_once(marker: str, code: int) -> int:
+    """Dies the first time (no marker yet), succeeds the next."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(code)
+    return procsched.current_job().attempt
+
+
+def flaky(log: str, fail_times: int) -> int:
+    attempt = procsched.current_job().attempt
+    _append(log, f"{attempt} {time.monotonic()}")
+    if attempt <= fail_times:
+        raise ConnectionError(f"attempt {attempt} fails")
+    return attempt
+
+
+def stubborn_sleeper(started: str) -> None:
+    """Ignores SIGTERM and sleeps: only a kill stops it."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(started).touch()
+    time.sleep(120)
+
+
+def cold_counter(progress: str, finish: str) -> tuple[Any, int, int]:
+    """Checkpoints every step; returns (resumed from, attempt, last step)."""
+    ctx = procsched.current_job()
+    first = ctx.resume_from
+    i = 0 if first is None else int(first)
+    end = time.monotonic() + WAIT
+    while not os.path.exists(finish):
+        ctx.checkpoint(i)
+        _append(progress, f"{'resumed' if first is not None else 'first'} {i}")
+        i += 1
+        time.sleep(0.002)
+        if time.monotonic() > end:
+            raise TimeoutError("never finished")
+    return (first, ctx.attempt, i)
+
+
+def cold_stubborn(started: str) -> tuple[Any, int, int]:
+    """Streams one checkpoint, then never looks at a yield request again."""
+    ctx = procsched.current_job()
+    if ctx.resume_from is not None:
+        return (ctx.resume_from, ctx.attempt, os.getpid())
+    ctx.checkpoint("state-A")  # with preempt="kill" this is streamed to the supervisor
+    _append(started, str(os.getpid()))
+    time.sleep(120)
+    return ("never preempted", ctx.attempt, os.getpid())
+
+
+def now_ns(_: Any = None) -> int:
+    return time.monotonic_ns()
+
+
+def tick(log: str) -> None:
+    _append(log, str(time.monotonic()))
+
+
+def gated(gate: str, value: Any) -> Any:
+    await_file(gate, WAIT)
+    return value
+
+
+def counted(log: str, x: int) -> int:
+    _append(log, str(x))
+    return x * 10
+
+
+# -- the suite ------------------------------------------------------------------------
+
+
+def test_results_errors_and_large_buffers_both_ways(backend: backends.Spec) -> None:
+    np = pytest.importorskip("numpy")
+    with procsched.Pool(2, backend=backend) as pool:
+        assert list(pool.map(square, range(50))) == [x * x for x in range(50)]
+        with pytest.raises(ZeroDivisionError) as info:
+            pool.submit(divmod, 1, 0).result(timeout=WAIT)
+        assert isinstance(info.value.__cause__, procsched.RemoteTraceback)
+        big = np.arange(2_000_000, dtype=np.float64)  # 16 MB each way, out of band
+        assert pool.submit(np.sum, big).result(timeout=WAIT) == big.sum()
+        back = pool.submit(np.arange, 2_000_000, dtype=np.float64).result(timeout=WAIT)
+        assert back.shape == (2_000_000,) and back[-1] == 1_999_999
+
+
+@pytest.mark.timeout(90)
+def test_a_crash_costs_one_job_and_is_retried_per_policy(backend: backends.Spec, tmp_path: Path) -> None:
+    with procsched.Pool(2, backend=backend) as pool:
+        with pytest.raises(procsched.WorkerCrashed) as info:
+            pool.submit(os._exit, 7).result(timeout=WAIT)
+        assert "os._exit" in str(info.value) or "_exit" in str(info.value)
+        attempt = pool.options(retries=1).submit(crash_once, str(tmp_path / "m"), 3).result(timeout=WAIT)
+        assert attempt == 2, "the crash spent the first attempt; the retry succeeded"
+        assert pool.submit(square, 12).result(timeout=WAIT) == 144, "the pool goes on"
+        stats = pool.stats()
+    assert stats["crashed"] == 1 and stats["retried"] == 1
+
+
+@pytest.mark.timeout(90)
+def test_timeout_kills_a_job_that_ignores_sigterm(backend: backends.Spec, tmp_path: Path) -> None:
+    started = str(tmp_path / "started")
+    with procsched.Pool(1, backend=backend, kill_grace=0.2) as pool:
+        t0 = time.monotonic()
+        fut = pool.options(timeout=1.0).submit(stubborn_sleeper, started)
+        with pytest.raises(procsched.JobTimeout):
+            fut.result(timeout=WAIT)
+        assert os.path.exists(started), "the job ran before it timed out"
+        assert 1.0 <= time.monotonic() - t0 < 1.0 + WAIT / 2
+        assert pool.submit(square, 5).result(timeout=WAIT) == 25, "its executor was replaced"
+        assert pool.stats()["timed_out"] == 1
+
+
+@pytest.mark.timeout(90)
+def test_a_cold_job_yields_to_a_hot_one_and_resumes_from_its_checkpoint(backend: backends.Spec, tmp_path: Path) -> None:
+    progress, finish = str(tmp_path / "progress"), str(tmp_path / "finish")
+    with procsched.Pool(1, backend=backend) as pool:
+        cold = pool.submit(cold_counter, progress, finish)
+        wait_for(lambda: len(_lines(progress)) >= 5, WAIT, "the cold job to make progress")
+        hot_at = pool.options(hot=True).submit(now_ns).result(timeout=WAIT)
+        wait_for(lambda: any(x.startswith("resumed") for x in _lines(progress)), WAIT, "the cold job to resume")
+        Path(finish).touch()
+        resumed_from, attempt, last = cold.result(timeout=WAIT)
+        stats = pool.stats()
+    assert hot_at > 0
+    first_run = [int(x.split()[1]) for x in _lines(progress) if x.startswith("first")]
+    assert resumed_from is not None and resumed_from <= first_run[-1] + 1, "it resumed from a checkpoint it made"
+    assert attempt == 1, "a preemption does not spend an attempt"
+    assert last >= resumed_from
+    assert stats["preempted"] == 1 and stats["succeeded"] == 2
+
+
+@pytest.mark.timeout(90)
+def test_a_cold_job_that_does_not_yield_is_killed_and_resumes_from_its_streamed_checkpoint(backend: backends.Spec, tmp_path: Path) -> None:
+    started = str(tmp_path / "started")
+    with procsched.Pool(1, backend=backend, preempt_grace=0.3) as pool:
+        cold = pool.options(preempt="kill").submit(cold_stubborn, started)
+        wait_for(lambda: _lines(started), WAIT, "the cold job to start")
+        time.sleep(0.2)  # the streamed checkpoint is sent at most every 50 ms; give it time to land
+        first_pid = int(_lines(started)[0])
+        assert pool.options(hot=True).submit(now_ns).result(timeout=WAIT) > 0
+        resume_from, attempt, pid = cold.result(timeout=WAIT)
+        stats = pool.stats()
+    assert resume_from == "state-A", "the rerun resumes from the last streamed checkpoint"
+    assert attempt == 1 and pid != first_pid
+    assert stats["preempted"] == 1 and stats["crashed"] == 0 and stats["failed"] == 0
+
+
+def test_retries_back_off_and_then_succeed(backend: backends.Spec, tmp_path: Path) -> None:
+    log = str(tmp_path / "log")
+    policy = procsched.RetryPolicy(retries=2, backoff=0.2, factor=2.0, jitter=0.0)
+    with procsched.Pool(2, backend=backend) as pool:
+        assert pool.options(retries=policy).submit(flaky, log, 2).result(timeout=WAIT) == 3
+        with pytest.raises(ConnectionError):
+            pool.options(retries=1).submit(flaky, str(tmp_path / "other"), 5).result(timeout=WAIT)
+    times = [float(x.split()[1]) for x in _lines(log)]
+    assert len(times) == 3
+    assert times[1] - times[0] >= 0.2 and times[2] - times[1] >= 0.4, "each retry waits its backoff"
+
+
+def test_dependencies_and_continuations(backend: backends.Spec, tmp_path: Path) -> None:
+    gate = str(tmp_path / "gate")
+    with procsched.Pool(2, backend=backend) as pool:
+        a = pool.submit(gated, gate, 6)
+        b = pool.options(depends_on=[a]).submit(now_ns)
+        c = pool.then(a, square)
+        bad = pool.submit(divmod, 1, 0)
+        after_bad = pool.options(depends_on=[bad]).submit(square, 2)
+        time.sleep(0.1)
+        assert not b.done() and not c.done(), "they wait for their prerequisite"
+        Path(gate).touch()
+        assert c.result(timeout=WAIT) == 36
+        assert b.result(timeout=WAIT) > 0
+        wait_for(after_bad.done, WAIT, "the dependent of a failed job to settle")
+        assert after_bad.cancelled()
+
+
+def test_a_schedule_fires_on_the_backend(backend: backends.Spec, tmp_path: Path) -> None:
+    log = str(tmp_path / "log")
+    with procsched.Pool(2, backend=backend) as pool:
+        pool.every(0.2, tick, log, name="ticker")
+        wait_for(lambda: len(_lines(log)) >= 3, WAIT, "three firings")
+        assert pool.unschedule("ticker")
+
+
+@pytest.mark.timeout(90)
+def test_cancel_with_kill_stops_a_running_job(backend: backends.Spec, tmp_path: Path) -> None:
+    started = str(tmp_path / "started")
+    with procsched.Pool(1, backend=backend) as pool:
+        fut = pool.submit(stubborn_sleeper, started)
+        wait_for(lambda: os.path.exists(started), WAIT, "the job to start")
+        assert not pool.cancel(fut), "a running job is not cancelled without kill"
+        assert pool.cancel(fut, kill=True)
+        wait_for(fut.done, WAIT, "the killed job to settle")
+        assert fut.cancelled()
+        assert pool.submit(square, 3).result(timeout=WAIT) == 9
+
+
+def test_a_rerun_on_the_same_journal_skips_finished_work(backend: backends.Spec, tmp_path: Path) -> None:
+    log, journal = str(tmp_path / "ran"), str(tmp_path / "journal")
+    with procsched.Pool(2, backend=backend, journal=journal) as pool:
+        assert list(pool.map(counted, [log] * 5, range(5), key=lambda _, x: f"row-{x}")) == [0, 10, 20, 30, 40]
+    with procsched.Pool(2, backend=backend, journal=journal) as pool:
+        assert list(pool.map(counted, [log] * 8, range(8), key=lambda _, x: f"row-{x}")) == [x * 10 for x in range(8)]
+    assert sorted(int(x) for x in _lines(log)) == list(range(8)), "rows 0-4 ran once, in the first run only"
