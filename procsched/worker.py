@@ -82,7 +82,7 @@ class Worker:
         self.prefix = f'{cfg["prefix"]}w{cfg["index"]}_{os.getpid()}_'
         self.soft_rss: int = cfg["soft_rss"]
         self.pending: deque[frames.Dispatch] = deque()
-        self.fn_cache: dict[bytes, Any] = {}
+        self.function = Functions()
         self.recall_seen = self.ch.words[W_RECALL]
         self.seq = 0
         self.recycling = False
@@ -186,16 +186,6 @@ class Worker:
         back.append(frames.Outcome(0, frames.RETURNED, 0, b"", b""))
         self.send(back)
 
-    def function(self, job: frames.Dispatch) -> Any:
-        if not job.flags & frames.F_FN_CACHEABLE:
-            return pickle.loads(job.fn)
-        fn = self.fn_cache.get(job.fn)
-        if fn is None:
-            if len(self.fn_cache) >= _FN_CACHE_MAX:
-                self.fn_cache.clear()
-            fn = self.fn_cache[job.fn] = pickle.loads(job.fn)
-        return fn
-
     def run_logged(self, job: frames.Dispatch, log: JobLog) -> frames.Outcome:
         log.begin(job.job, job.attempt)
         try:
@@ -204,34 +194,69 @@ class Worker:
             log.end()
 
     def run(self, job: frames.Dispatch) -> frames.Outcome:
-        t0 = time.perf_counter()
-        try:
-            fn = self.function(job)
-            buffers = oob.read(job.oob, unlink_now=False) if job.oob else ()
-            args, kwargs = pickle.loads(job.args, buffers=buffers)
-            resume = pickle.loads(job.resume) if job.resume else None
-        except BaseException as e:  # noqa: BLE001 - any failure to load is this job's error
-            err = SerializationError(f"cannot unpickle the job in the worker: {type(e).__name__}: {e}")
-            return frames.Outcome(job.job_id, frames.ERROR, 0, codec.dump_error(err), b"")
         live = self.send_checkpoint if job.flags & frames.F_CHECKPOINT_LIVE else None
         words = self.ch.words
-        context._enter(context.JobContext(job.job_id, job.attempt, resume, lambda: words[W_YIELD], live))
-        status = frames.OK
-        try:
-            value = fn(*args, **kwargs)
-        except Preempted as p:
-            status, value = frames.PREEMPTED, p.state
-        except BaseException as e:  # noqa: BLE001 - SystemExit too: it fails the job, not the worker
-            payload = codec.dump_error(e)
-            return frames.Outcome(job.job_id, frames.ERROR, _us(t0), payload, b"")
-        finally:
-            context._enter(None)
-            del args, kwargs, buffers
-        try:
-            payload, bufs = codec.dump_outcome(fn, value, status == frames.PREEMPTED)
-        except SerializationError as e:
-            return frames.Outcome(job.job_id, frames.ERROR, _us(t0), codec.dump_error(e), b"")
-        return frames.Outcome(job.job_id, status, _us(t0), payload, self.place(bufs))
+        status, run_us, payload, bufs = execute(job, self.function, _arg_buffers, lambda: words[W_YIELD], live)
+        return frames.Outcome(job.job_id, status, run_us, payload, self.place(bufs))
+
+
+class Functions:
+    """A job's function, unpickled once per worker when it is pickled by reference (cacheable)."""
+
+    def __init__(self) -> None:
+        self.cache: dict[bytes, Any] = {}
+
+    def __call__(self, job: frames.Dispatch) -> Any:
+        if not job.flags & frames.F_FN_CACHEABLE:
+            return pickle.loads(job.fn)
+        fn = self.cache.get(job.fn)
+        if fn is None:
+            if len(self.cache) >= _FN_CACHE_MAX:
+                self.cache.clear()
+            fn = self.cache[job.fn] = pickle.loads(job.fn)
+        return fn
+
+
+def _arg_buffers(job: frames.Dispatch) -> Any:
+    """The arguments' out-of-band buffers, mapped from their segment (the supervisor unlinks it)."""
+    return oob.read(job.oob, unlink_now=False) if job.oob else ()
+
+
+def execute(
+    job: frames.Dispatch, functions: Functions, buffers_of: Any, yield_word: Any, live: Any
+) -> tuple[int, int, bytes, list[pickle.PickleBuffer]]:
+    """Run one job as ``current_job()``: (status, run µs, payload, the result's out-of-band buffers).
+
+    Shared by the local worker and the Ray backend's task: ``buffers_of(job)``
+    gives the arguments' out-of-band buffers, ``yield_word()`` the run id asked
+    to yield (0: none), ``live(run, state)`` streams a checkpoint (None: it is
+    not streamed). Whatever fails to load fails the job, not the worker.
+    """
+    t0 = time.perf_counter()
+    try:
+        fn = functions(job)
+        buffers = buffers_of(job)
+        args, kwargs = pickle.loads(job.args, buffers=buffers)
+        resume = pickle.loads(job.resume) if job.resume else None
+    except BaseException as e:  # noqa: BLE001 - any failure to load is this job's error
+        err = SerializationError(f"cannot unpickle the job in the worker: {type(e).__name__}: {e}")
+        return frames.ERROR, 0, codec.dump_error(err), []
+    context._enter(context.JobContext(job.job_id, job.attempt, resume, yield_word, live))
+    status = frames.OK
+    try:
+        value = fn(*args, **kwargs)
+    except Preempted as p:
+        status, value = frames.PREEMPTED, p.state
+    except BaseException as e:  # noqa: BLE001 - SystemExit too: it fails the job, not the worker
+        return frames.ERROR, _us(t0), codec.dump_error(e), []
+    finally:
+        context._enter(None)
+        del args, kwargs, buffers
+    try:
+        payload, bufs = codec.dump_outcome(fn, value, status == frames.PREEMPTED)
+    except SerializationError as e:
+        return frames.ERROR, _us(t0), codec.dump_error(e), []
+    return status, _us(t0), payload, bufs
 
 
 def _us(t0: float) -> int:

@@ -57,8 +57,8 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray import exceptions as rex
 
-from .. import codec, context
-from ..errors import Preempted, SerializationError, WorkerLost
+from .. import codec, worker
+from ..errors import SerializationError, WorkerLost
 from ..ipc import frames, oob
 from ..log import get_logger
 from . import Event, Lost, Result, Returned, Started
@@ -147,7 +147,7 @@ class _YieldWatch:
         self.stop.set()
 
 
-_fn_cache: dict[bytes, Any] = {}
+_functions = worker.Functions()
 _paths_seen: tuple[str, ...] = ()
 
 
@@ -163,24 +163,9 @@ def _use_paths(paths: tuple[str, ...]) -> None:
 
 
 def _execute(d: tuple[Any, ...], buffers: list[Any], flags: str, paths: tuple[str, ...]) -> tuple[int, int, bytes, list[Any]]:
-    """Run one job in a Ray worker; what a local worker would report: (status, µs, payload, buffers)."""
+    """Run one job in a Ray worker, as a local worker would: (status, µs, payload, buffers)."""
     job = frames.Dispatch(*d)
     _use_paths(paths)
-    t0 = time.perf_counter()
-    try:
-        if job.flags & frames.F_FN_CACHEABLE:
-            fn = _fn_cache.get(job.fn)
-            if fn is None:
-                if len(_fn_cache) > 1024:
-                    _fn_cache.clear()
-                fn = _fn_cache[job.fn] = pickle.loads(job.fn)
-        else:
-            fn = pickle.loads(job.fn)
-        args, kwargs = pickle.loads(job.args, buffers=buffers)
-        resume = pickle.loads(job.resume) if job.resume else None
-    except BaseException as e:  # noqa: BLE001 - any failure to load is this job's error
-        err = SerializationError(f"cannot unpickle the job in the Ray worker: {type(e).__name__}: {e}")
-        return frames.ERROR, 0, codec.dump_error(err), []
     watch = _YieldWatch(flags, job.job_id)
     live = None
     if job.flags & frames.F_CHECKPOINT_LIVE:
@@ -191,27 +176,10 @@ def _execute(d: tuple[Any, ...], buffers: list[Any], flags: str, paths: tuple[st
             except (SerializationError, ValueError):
                 pass  # an unpicklable checkpoint is kept only in the job itself
 
-    context._enter(context.JobContext(job.job_id, job.attempt, resume, watch, live))
-    status = frames.OK
     try:
-        value = fn(*args, **kwargs)
-    except Preempted as p:
-        status, value = frames.PREEMPTED, p.state
-    except BaseException as e:  # noqa: BLE001 - it fails the job, not the task
-        return frames.ERROR, _us(t0), codec.dump_error(e), []
+        return worker.execute(job, _functions, lambda _: buffers, watch, live)
     finally:
-        context._enter(None)
         watch.close()
-        del args, kwargs
-    try:
-        payload, bufs = codec.dump_outcome(fn, value, status == frames.PREEMPTED)
-    except SerializationError as e:
-        return frames.ERROR, _us(t0), codec.dump_error(e), []
-    return status, _us(t0), payload, bufs
-
-
-def _us(t0: float) -> int:
-    return min(int((time.perf_counter() - t0) * 1e6), 0xFFFFFFFF)
 
 
 # -- the supervisor's side ---------------------------------------------------------------------------------
