@@ -259,8 +259,7 @@ class Supervisor(Outcomes):
                 self._intake(now)
             if self.front is not None and ready:
                 self.front.collect(ready)
-            for ev in backend.collect(now, ready):
-                self._event(ev, now)
+            self._events(backend.collect(now, ready), now)
             if self.timers and self.timers[0][0] <= now:
                 self._fire_timers(now)
             # dispatch before tick: a preemption no longer needed (its hot job
@@ -291,6 +290,12 @@ class Supervisor(Outcomes):
                 self.bell.drain()
             backend.woke()
         backend.close(time.monotonic() + (self.stop_grace if self.killing else self.config.stop_timeout))
+
+    def _events(self, events: list[Any], now: float) -> None:
+        """Apply what the backend reported. A method, not a loop in ``_loop``: a loop variable
+        there would keep the last result (and its shared memory) alive until the next one."""
+        for ev in events:
+            self._event(ev, now)
 
     def _intake(self, now: float) -> None:
         intake = self.intake
