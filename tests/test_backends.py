@@ -219,7 +219,6 @@ def test_a_cold_job_that_does_not_yield_is_killed_and_resumes_from_its_streamed_
     with procsched.Pool(1, backend=backend, preempt_grace=0.3) as pool:
         cold = pool.options(preempt="kill").submit(cold_stubborn, started)
         wait_for(lambda: _lines(started), WAIT, "the cold job to start")
-        time.sleep(0.2)  # the streamed checkpoint is sent at most every 50 ms; give it time to land
         first_pid = int(_lines(started)[0])
         assert pool.options(hot=True).submit(now_ns).result(timeout=WAIT) > 0
         resume_from, attempt, pid = cold.result(timeout=WAIT)

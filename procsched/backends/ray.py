@@ -25,8 +25,9 @@ contract (``backends.Backend``) maps onto Ray:
 * **crashes**: a worker or node that dies (``WorkerCrashedError``,
   ``NodeDiedError``, a result lost with its node) is ``Lost`` with a
   :class:`~procsched.errors.WorkerLost`, and the retry policy applies;
-* **cooperative preemption**: one small actor per pool holds the yield
-  flags. ``request_yield`` sets one; inside the task, the first
+* **cooperative preemption**: one small actor per driver process (made,
+  and waited for, by its first Ray pool) holds the yield flags.
+  ``request_yield`` sets one; inside the task, the first
   ``should_yield()``/``checkpoint()`` starts a thread that polls the actor
   every 50 ms and feeds the job's local flag, so a check costs nothing.
   A ``preempt="kill"`` job's streamed checkpoints go to the same actor, and
@@ -76,31 +77,39 @@ _POLL_S = 0.05  # how often a task that checks for a yield asks the flag actor
 
 # -- the actor that carries yield requests and streamed checkpoints -------------------------------
 class _Flags:
-    """Run ids asked to yield, and the last checkpoint each ``preempt="kill"`` run streamed."""
+    """Runs asked to yield, and the last checkpoint each ``preempt="kill"`` run streamed.
+
+    One per driver process, shared by its pools: a run is named by (pool, run id).
+    """
 
     def __init__(self) -> None:
-        self.asked: set[int] = set()
-        self.states: dict[int, bytes] = {}
+        self.asked: set[tuple[str, int]] = set()
+        self.states: dict[tuple[str, int], bytes] = {}
 
-    def ask(self, run: int, on: bool) -> None:
+    def ask(self, key: tuple[str, int], on: bool) -> None:
         if on:
-            self.asked.add(run)
+            self.asked.add(key)
         else:
-            self.asked.discard(run)
+            self.asked.discard(key)
 
-    def is_asked(self, run: int) -> bool:
-        return run in self.asked
+    def is_asked(self, key: tuple[str, int]) -> bool:
+        return key in self.asked
 
-    def put(self, run: int, state: bytes) -> None:
-        self.states[run] = state
+    def put(self, key: tuple[str, int], state: bytes) -> None:
+        self.states[key] = state
 
-    def take(self, run: int) -> bytes:
-        return self.states.pop(run, b"")
+    def take(self, key: tuple[str, int]) -> bytes:
+        return self.states.pop(key, b"")
 
-    def forget(self, runs: list[int]) -> None:
-        for run in runs:
-            self.asked.discard(run)
-            self.states.pop(run, None)
+    def forget(self, keys: list[tuple[str, int]]) -> None:
+        for key in keys:
+            self.asked.discard(key)
+            self.states.pop(key, None)
+
+    def drop(self, pool: str) -> None:
+        """A pool closed: everything it left."""
+        self.asked = {k for k in self.asked if k[0] != pool}
+        self.states = {k: v for k, v in self.states.items() if k[0] != pool}
 
 
 # -- inside the Ray worker ------------------------------------------------------------------------------
@@ -108,19 +117,29 @@ _actors: dict[str, Any] = {}
 
 
 def _flags(name: str) -> Any:
-    """The pool's flag actor, by name (a handle per task would cost every task its pickling)."""
+    """The flag actor, by name (a handle per task would cost every task its pickling)."""
     actor = _actors.get(name)
     if actor is None:
         actor = _actors[name] = ray.get_actor(name)
     return actor
 
 
+def _flag_actor() -> tuple[str, Any]:
+    """This driver's flag actor (made by its first Ray pool, alive before any job runs, so no
+    streamed checkpoint can reach it after the supervisor has asked for the last one)."""
+    name = f"procsched-flags-{os.getpid()}"
+    actor: Any = ray.remote(_Flags).options(name=name, get_if_exists=True, num_cpus=0, max_concurrency=64).remote()
+    ray.get(actor.__ray_ready__.remote(), timeout=120)
+    return name, actor
+
+
 class _YieldWatch:
     """The job's yield flag, fed by a thread that polls the actor once the job first looks."""
 
-    def __init__(self, flags: str, run: int) -> None:
+    def __init__(self, flags: str, key: tuple[str, int]) -> None:
         self.flags = flags
-        self.run = run
+        self.key = key
+        self.run = key[1]
         self.value = 0
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -134,12 +153,10 @@ class _YieldWatch:
     def _poll(self) -> None:
         while not self.stop.is_set():
             try:
-                if ray.get(_flags(self.flags).is_asked.remote(self.run)):
+                if ray.get(_flags(self.flags).is_asked.remote(self.key)):
                     self.value = self.run
                     return
-            except ValueError:
-                pass  # no such actor yet: the pool has only just asked Ray for it
-            except rex.RayError:
+            except (rex.RayError, ValueError):  # (ValueError: no such actor)
                 return  # the pool is gone: nobody will ask
             self.stop.wait(_POLL_S)
 
@@ -162,17 +179,19 @@ def _use_paths(paths: tuple[str, ...]) -> None:
                 sys.path.append(p)
 
 
-def _execute(d: tuple[Any, ...], buffers: list[Any], flags: str, paths: tuple[str, ...]) -> tuple[int, int, bytes, list[Any]]:
-    """Run one job in a Ray worker, as a local worker would: (status, µs, payload, buffers)."""
+def _execute(d: tuple[Any, ...], buffers: list[Any], flags: tuple[str, str], paths: tuple[str, ...]) -> tuple[int, int, bytes, list[Any]]:
+    """Run one job in a Ray worker, as a local worker would: (status, µs, payload, buffers).
+    ``flags``: the flag actor's name and the pool's token."""
     job = frames.Dispatch(*d)
     _use_paths(paths)
-    watch = _YieldWatch(flags, job.job_id)
+    name, pool = flags
+    watch = _YieldWatch(name, (pool, job.job_id))
     live = None
     if job.flags & frames.F_CHECKPOINT_LIVE:
 
         def live(run: int, state: Any) -> None:
             try:
-                _flags(flags).put.remote(run, codec.dump_state(state))
+                _flags(name).put.remote((pool, run), codec.dump_state(state))
             except (SerializationError, ValueError):
                 pass  # an unpicklable checkpoint is kept only in the job itself
 
@@ -206,8 +225,8 @@ class RayBackend:
         if spec.spread:
             options["scheduling_strategy"] = "SPREAD"
         self.task: Any = ray.remote(_execute).options(**options)
-        self.flags_name = f"procsched-flags-{os.getpid()}-{id(self):x}"
-        self.flags: Any = ray.remote(_Flags).options(name=self.flags_name, num_cpus=0, max_concurrency=64).remote()
+        self.token = f"{id(self):x}"
+        self.flags_name, self.flags = _flag_actor()
         self.paths = tuple(p for p in sys.path if p)
         #: run id -> (ObjectRef, started at) of the runs Ray was given
         self.inflight: dict[int, Any] = {}
@@ -271,8 +290,8 @@ class RayBackend:
 
     def _submit(self, d: frames.Dispatch, track: bool) -> None:
         buffers = [pickle.PickleBuffer(v) for v in oob.read(d.oob, unlink_now=False)] if d.oob else []
-        ref = self.task.remote(tuple(d), buffers, self.flags_name, self.paths)
-        now = time.monotonic()
+        now = time.monotonic()  # before the hand-over: a timeout's clock counts it, as the caller's does
+        ref = self.task.remote(tuple(d), buffers, (self.flags_name, self.token), self.paths)
         self.inflight[d.job_id] = ref
         self.started_at[d.job_id] = now
         if track:
@@ -330,7 +349,7 @@ class RayBackend:
     def request_yield(self, job_id: int, kill_after: float | None, now: float) -> bool:
         if job_id not in self.inflight or job_id in self.killing:
             return False
-        self.flags.ask.remote(job_id, True)
+        self.flags.ask.remote((self.token, job_id), True)
         self.flagged.add(job_id)
         self.yield_at[job_id] = now + kill_after if kill_after is not None else 0.0
         log.info("preempt_requested", run=job_id, kill_after=kill_after)
@@ -338,7 +357,7 @@ class RayBackend:
 
     def cancel_yield(self, job_id: int) -> None:
         if self.yield_at.pop(job_id, None) is not None:
-            self.flags.ask.remote(job_id, False)
+            self.flags.ask.remote((self.token, job_id), False)
 
     # -- the loop ------------------------------------------------------------------------------
     def collect(self, now: float, ready: list[tuple[int, int]]) -> list[Event]:
@@ -355,7 +374,7 @@ class RayBackend:
                 forget.append(run)
             self.events.append(self._outcome(run, fut, self.killing.pop(run, "")))
         if forget:
-            self.flags.forget.remote(forget)
+            self.flags.forget.remote([(self.token, run) for run in forget])
         self._unpark()
         events, self.events = self.events, []
         return events
@@ -387,7 +406,7 @@ class RayBackend:
         """A ``preempt="kill"`` run that did not yield in time: keep its last checkpoint, then kill it."""
         state: bytes
         try:
-            state = ray.get(self.flags.take.remote(run), timeout=5.0)
+            state = ray.get(self.flags.take.remote((self.token, run)), timeout=5.0)
         except Exception as e:  # noqa: BLE001 - no checkpoint: it resumes from its last known one
             log.warning("ray_checkpoint_unavailable", run=run, error=repr(e))
             state = b""
@@ -420,7 +439,7 @@ class RayBackend:
         self.inflight.clear()
         self.parked.clear()
         try:
-            ray.kill(self.flags)
+            self.flags.drop.remote(self.token)
         except Exception:  # noqa: BLE001, S110 - Ray is already gone
             pass
         if self.owns_ray:
