@@ -205,7 +205,7 @@ class _Submitter:
             return _results(self._keyed_map(fn, calls, star, key), end)
         runner: Callable[..., Any] = run_chunk
         if chunksize == 1 and not self._opts.timeout and not self._opts.retries.retries:
-            chunksize = min(_MAX_CHUNK, max(1, -(-len(calls) // (4 * pool._max_workers))))
+            chunksize = min(_MAX_CHUNK, max(1, -(-len(calls) // (4 * max(1, pool._max_workers)))))  # (0: a Ray cluster with no CPU yet)
             runner = run_calls
         jobs: list[Job] = []
         try:

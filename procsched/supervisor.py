@@ -166,6 +166,7 @@ class Supervisor(Outcomes):
             try:
                 self._restore(time.monotonic())
             except BaseException:
+                self.backend.close(time.monotonic())  # (nothing started yet: it lets go of what it holds)
                 self.rec.close()
                 self.bell.close()
                 oob.sweep(prefix)  # argument segments of the jobs restored so far

@@ -285,3 +285,35 @@ def test_a_rerun_on_the_same_journal_skips_finished_work(backend: backends.Spec,
     with procsched.Pool(2, backend=backend, journal=journal) as pool:
         assert list(pool.map(counted, [log] * 8, range(8), key=lambda _, x: f"row-{x}")) == [x * 10 for x in range(8)]
     assert sorted(int(x) for x in _lines(log)) == list(range(8)), "rows 0-4 ran once, in the first run only"
+
+
+def span(seconds: float) -> tuple[float, float]:
+    start = time.time()
+    time.sleep(seconds)
+    return start, time.time()
+
+
+def test_max_workers_caps_the_jobs_running_at_once(backend: backends.Spec) -> None:
+    with procsched.Pool(1, backend=backend) as pool:
+        spans = [f.result(timeout=WAIT) for f in [pool.submit(span, 0.3) for _ in range(4)]]
+    spans.sort()
+    assert all(later[0] >= earlier[1] - 0.01 for earlier, later in zip(spans, spans[1:])), f"jobs overlapped: {spans}"
+
+
+@pytest.mark.timeout(90)
+def test_a_hot_job_takes_the_first_cpu_a_yield_frees(backend: backends.Spec, tmp_path: Path) -> None:
+    """More cold jobs than CPUs (a Ray pool queues one more in Ray): the hot one must not wait
+    behind a cold job that has not begun."""
+    finish = str(tmp_path / "finish")
+    with procsched.Pool(2, backend=backend) as pool:
+        progress = [str(tmp_path / f"p{i}") for i in range(3)]
+        colds = [pool.options(priority=3 - i).submit(cold_counter, progress[i], finish) for i in range(3)]
+        wait_for(lambda: _lines(progress[0]) and _lines(progress[1]), WAIT, "two cold jobs to run")
+        hot_at = pool.options(hot=True).submit(now_ns).result(timeout=WAIT)
+        assert not any(f.done() for f in colds), "the hot job ran while every cold job still runs"
+        Path(finish).touch()
+        for f in colds:
+            f.result(timeout=WAIT)
+        stats = pool.stats()
+    assert hot_at > 0
+    assert stats["preempted"] == 1, "one yield made room for the hot job"

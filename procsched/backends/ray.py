@@ -3,17 +3,20 @@
 Everything that makes procsched procsched stays in the supervisor (the
 journal, the heap and aging, hot and cold, delays and cron, dependencies,
 retries, timeouts, dead letters, the service); Ray only executes. Each run
-is one task of :func:`_execute`, with Ray's own retries off, so procsched's
+is one task of ``raytask.execute``, with Ray's own retries off, so procsched's
 policy alone decides what a failure costs. How each part of the backend
 contract (``backends.Backend``) maps onto Ray:
 
 * **capacity**: only as many runs are handed to Ray as the cluster has CPUs
-  (or the pool's ``max_workers``, if lower), plus ``window`` more, so that
-  procsched's priority order is what runs, not Ray's queue. The count of
-  CPUs is read once a second (a GCS round trip; Ray's own "available"
-  figure lags by a third of a second, so we count our runs ourselves).
-  A run with a timeout is *parked* here until a CPU is free, so its clock
-  starts when it can start;
+  (or the pool's ``max_workers``, if lower; then no more), plus ``window``
+  more that wait in Ray's queue, so that procsched's priority order is what
+  runs, not Ray's queue. The count of CPUs is read once a second (a GCS
+  round trip; Ray's own "available" figure lags by a third of a second, so
+  we count our runs ourselves). A run with a timeout is *parked* here until
+  a CPU is free, so its clock starts when it can start. While a hot job
+  waits, the window's runs are taken back (``ray.cancel(force=False)``:
+  dequeued, or interrupted if one has just begun; either way re-queued
+  without spending an attempt), so the CPU a yield frees goes to the hot job;
 * **outcomes**: each task's ``ObjectRef.future()`` calls back on Ray's
   thread, which queues the run and rings the supervisor's doorbell; the
   loop's ``collect()`` takes the value (the result is fetched at once, so
@@ -26,12 +29,13 @@ contract (``backends.Backend``) maps onto Ray:
   ``NodeDiedError``, a result lost with its node) is ``Lost`` with a
   :class:`~procsched.errors.WorkerLost`, and the retry policy applies;
 * **cooperative preemption**: one small actor per driver process (made,
-  and waited for, by its first Ray pool) holds the yield flags.
-  ``request_yield`` sets one; inside the task, the first
-  ``should_yield()``/``checkpoint()`` starts a thread that polls the actor
-  every 50 ms and feeds the job's local flag, so a check costs nothing.
-  A ``preempt="kill"`` job's streamed checkpoints go to the same actor, and
-  the backend fetches the last one before it kills the task.
+  and waited for, by its first Ray pool; ``raytask.py``) holds the yield
+  flags and the streamed checkpoints of ``preempt="kill"`` runs, which the
+  backend takes before it kills such a run;
+* **Ray itself**: a pool that finds no Ray starts one (or joins
+  ``address``) and the last pool using it stops it; if Ray is shut down
+  under a pool, its runs are lost (and retried per policy) and it reports
+  itself degraded instead of letting Ray start itself again.
 
 What differs from the local pool, and why (``docs/ray-backend.md`` has the
 measurements): a yield request is seen within about 50 ms, not at once; a
@@ -48,6 +52,7 @@ import os
 import pickle
 import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -58,11 +63,11 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray import exceptions as rex
 
-from .. import codec, worker
-from ..errors import SerializationError, WorkerLost
+from ..errors import WorkerLost
 from ..ipc import frames, oob
 from ..log import get_logger
 from . import Event, Lost, Result, Returned, Started
+from .raytask import Flags, execute
 
 if TYPE_CHECKING:
     from ..ipc.doorbell import Doorbell
@@ -72,136 +77,60 @@ if TYPE_CHECKING:
 log = get_logger("procsched.ray")
 
 _CAPACITY_EVERY = 1.0  # seconds between reads of the cluster's CPU count
-_POLL_S = 0.05  # how often a task that checks for a yield asks the flag actor
+_TAKE_TIMEOUT = 2.0  # seconds the loop waits for a preempted run's last checkpoint
+
+_joined = threading.Lock()
+_ours = {"users": 0}  # pools using the Ray connection a pool made (the last one closes it)
 
 
-# -- the actor that carries yield requests and streamed checkpoints -------------------------------
-class _Flags:
-    """Runs asked to yield, and the last checkpoint each ``preempt="kill"`` run streamed.
-
-    One per driver process, shared by its pools: a run is named by (pool, run id).
-    """
-
-    def __init__(self) -> None:
-        self.asked: set[tuple[str, int]] = set()
-        self.states: dict[tuple[str, int], bytes] = {}
-
-    def ask(self, key: tuple[str, int], on: bool) -> None:
-        if on:
-            self.asked.add(key)
-        else:
-            self.asked.discard(key)
-
-    def is_asked(self, key: tuple[str, int]) -> bool:
-        return key in self.asked
-
-    def put(self, key: tuple[str, int], state: bytes) -> None:
-        self.states[key] = state
-
-    def take(self, key: tuple[str, int]) -> bytes:
-        return self.states.pop(key, b"")
-
-    def forget(self, keys: list[tuple[str, int]]) -> None:
-        for key in keys:
-            self.asked.discard(key)
-            self.states.pop(key, None)
-
-    def drop(self, pool: str) -> None:
-        """A pool closed: everything it left."""
-        self.asked = {k for k in self.asked if k[0] != pool}
-        self.states = {k: v for k, v in self.states.items() if k[0] != pool}
+def _join(spec: Ray) -> bool:
+    """Make sure this process is connected to Ray; True if the connection is a pool's own."""
+    with _joined:
+        if not ray.is_initialized():
+            _reachable(spec.address)
+            kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True, **spec.init}
+            if spec.address is not None:
+                kwargs["address"] = spec.address
+            with _own_signals():
+                ray.init(**kwargs)
+            _ours["users"] = 1
+            return True
+        if _ours["users"]:
+            _ours["users"] += 1
+            return True
+        return False  # the caller's own ray.init(): theirs to end
 
 
-# -- inside the Ray worker ------------------------------------------------------------------------------
-_actors: dict[str, Any] = {}
+def _leave() -> None:
+    with _joined:
+        _ours["users"] -= 1
+        if _ours["users"] == 0 and ray.is_initialized():
+            ray.shutdown()
 
 
-def _flags(name: str) -> Any:
-    """The flag actor, by name (a handle per task would cost every task its pickling)."""
-    actor = _actors.get(name)
-    if actor is None:
-        actor = _actors[name] = ray.get_actor(name)
-    return actor
+def _reachable(address: str | None) -> None:
+    """Fail at once, naming it, on a "host:port" nobody listens on (``ray.init`` would retry
+    for many minutes)."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConnectionError(f"no Ray cluster answers at {address}: {e.strerror or e}") from None
 
 
 def _flag_actor() -> tuple[str, Any]:
-    """This driver's flag actor (made by its first Ray pool, alive before any job runs, so no
-    streamed checkpoint can reach it after the supervisor has asked for the last one)."""
+    """This process's flag actor, up before any job runs (so no streamed checkpoint can reach it
+    after the supervisor took the last one); restarted by Ray if its process dies."""
     name = f"procsched-flags-{os.getpid()}"
-    actor: Any = ray.remote(_Flags).options(name=name, get_if_exists=True, num_cpus=0, max_concurrency=64).remote()
+    actor: Any = ray.remote(Flags).options(name=name, get_if_exists=True, num_cpus=0, max_concurrency=64, max_restarts=-1).remote()
     ray.get(actor.__ray_ready__.remote(), timeout=120)
     return name, actor
 
 
-class _YieldWatch:
-    """The job's yield flag, fed by a thread that polls the actor once the job first looks."""
-
-    def __init__(self, flags: str, key: tuple[str, int]) -> None:
-        self.flags = flags
-        self.key = key
-        self.run = key[1]
-        self.value = 0
-        self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
-
-    def __call__(self) -> int:
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._poll, name="procsched-yield", daemon=True)
-            self.thread.start()
-        return self.value
-
-    def _poll(self) -> None:
-        while not self.stop.is_set():
-            try:
-                if ray.get(_flags(self.flags).is_asked.remote(self.key)):
-                    self.value = self.run
-                    return
-            except (rex.RayError, ValueError):  # (ValueError: no such actor)
-                return  # the pool is gone: nobody will ask
-            self.stop.wait(_POLL_S)
-
-    def close(self) -> None:
-        self.stop.set()
-
-
-_functions = worker.Functions()
-_paths_seen: tuple[str, ...] = ()
-
-
-def _use_paths(paths: tuple[str, ...]) -> None:
-    """Let the job's modules import here as they do in the supervisor (the local worker gets its
-    ``sys.path``), keeping what this node lacks out."""
-    global _paths_seen
-    if paths != _paths_seen:
-        _paths_seen = paths
-        for p in paths:
-            if p and p not in sys.path and os.path.isdir(p):
-                sys.path.append(p)
-
-
-def _execute(d: tuple[Any, ...], buffers: list[Any], flags: tuple[str, str], paths: tuple[str, ...]) -> tuple[int, int, bytes, list[Any]]:
-    """Run one job in a Ray worker, as a local worker would: (status, µs, payload, buffers).
-    ``flags``: the flag actor's name and the pool's token."""
-    job = frames.Dispatch(*d)
-    _use_paths(paths)
-    name, pool = flags
-    watch = _YieldWatch(name, (pool, job.job_id))
-    live = None
-    if job.flags & frames.F_CHECKPOINT_LIVE:
-
-        def live(run: int, state: Any) -> None:
-            try:
-                _flags(name).put.remote((pool, run), codec.dump_state(state))
-            except (SerializationError, ValueError):
-                pass  # an unpicklable checkpoint is kept only in the job itself
-
-    try:
-        return worker.execute(job, _functions, lambda _: buffers, watch, live)
-    finally:
-        watch.close()
-
-
-# -- the supervisor's side ---------------------------------------------------------------------------------
 class RayBackend:
     """``backends.Backend`` over a Ray cluster; driven by the supervisor's loop thread alone,
     except :meth:`_done`, which Ray calls on its own thread."""
@@ -211,41 +140,44 @@ class RayBackend:
         self.spec = spec
         self.bell = bell
         self.restarts = 0
-        self.owns_ray = False
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True, **spec.init}
-            if spec.address is not None:
-                kwargs["address"] = spec.address
-            with _own_signals():
-                ray.init(**kwargs)
-            self.owns_ray = spec.address is None  # a Ray of our own dies with the pool
+        self.shares = _join(spec)
+        try:
+            options: dict[str, Any] = {"max_retries": 0, "retry_exceptions": False, "num_cpus": 1}
+            if spec.spread:
+                options["scheduling_strategy"] = "SPREAD"
+            self.task: Any = ray.remote(execute).options(**options)
+            self.flags_name, self.flags = _flag_actor()
+        except BaseException:
+            if self.shares:
+                _leave()
+            raise
+        self.token = os.urandom(6).hex()  # names this pool's runs in the shared flag actor
+        self.paths = tuple(p for p in sys.path if p)
         self.poller = select.poll()
         self.poller.register(bell.read_fd, select.POLLIN)
-        options: dict[str, Any] = {"max_retries": 0, "retry_exceptions": False, "num_cpus": 1}
-        if spec.spread:
-            options["scheduling_strategy"] = "SPREAD"
-        self.task: Any = ray.remote(_execute).options(**options)
-        self.token = f"{id(self):x}"
-        self.flags_name, self.flags = _flag_actor()
-        self.paths = tuple(p for p in sys.path if p)
-        #: run id -> (ObjectRef, started at) of the runs Ray was given
+        #: run id -> ObjectRef of the runs Ray was given, in the order it was given them
         self.inflight: dict[int, Any] = {}
+        self.started_at: dict[int, float] = {}
         #: runs with a timeout waiting for a free CPU (they count as placed)
         self.parked: deque[frames.Dispatch] = deque()
         self.done: deque[tuple[int, Any]] = deque()  # (run, future): appended by Ray's thread
+        self._lock = threading.Lock()  # _done against close(): no ring after the doorbell is gone
+        self.closed = False
         self.events: list[Event] = []
         self.killing: dict[int, str] = {}  # run -> why we cancelled it
+        self.taking_back: set[int] = set()  # window runs called back for a hot job
         self.yield_at: dict[int, float] = {}  # run -> when a preempt="kill" run is killed (0: never)
-        self.flagged: set[int] = set()  # runs whose state the actor may hold
-        self.started_at: dict[int, float] = {}
+        self.in_actor: set[int] = set()  # runs whose flag or checkpoints the actor may hold
         self.cluster_cpus = 0
         self.capacity_at = 0.0
-        self.closing = False
         self._refresh(time.monotonic())
 
     # -- capacity -----------------------------------------------------------------------
     def _refresh(self, now: float) -> None:
         self.capacity_at = now + _CAPACITY_EVERY
+        if not ray.is_initialized():
+            self._ray_gone()
+            return
         try:
             cpus = int(ray.cluster_resources().get("CPU", 0))  # type: ignore[no-untyped-call]
         except Exception as e:  # noqa: BLE001 - a GCS hiccup: keep the last figure
@@ -255,10 +187,26 @@ class RayBackend:
             log.info("ray_capacity", cpus=cpus, was=self.cluster_cpus)
             self.cluster_cpus = cpus
 
+    def _ray_gone(self) -> None:
+        """Ray was shut down under the pool: its runs are lost, and nothing more is placed."""
+        if self.cluster_cpus or self.inflight:
+            log.error("ray_gone", runs=len(self.inflight))
+        self.cluster_cpus = 0
+        for run in list(self.inflight):
+            self._forget_run(run)
+            self.events.append(Lost(run, WorkerLost("Ray was shut down"), self.killing.pop(run, "")))
+        self.inflight.clear()
+
     @property
     def capacity(self) -> int:
         cap = self.config.max_workers
         return min(cap, self.cluster_cpus) if cap > 0 else self.cluster_cpus
+
+    def _window(self) -> int:
+        """Runs given beyond the free CPUs, to queue in Ray: none when ``max_workers`` caps the pool
+        below the cluster (Ray would run them at once)."""
+        cap = self.config.max_workers
+        return self.spec.window if not cap or cap >= self.cluster_cpus else 0
 
     @property
     def degraded(self) -> bool:
@@ -268,7 +216,7 @@ class RayBackend:
         self._refresh(now)
 
     def headroom(self, booting: bool = False) -> int:
-        return max(0, self.capacity + self.spec.window - len(self.inflight) - len(self.parked))
+        return max(0, self.capacity + self._window() - len(self.inflight) - len(self.parked))
 
     def idle_workers(self) -> int:
         return max(0, self.capacity - len(self.inflight) - len(self.parked))
@@ -289,30 +237,45 @@ class RayBackend:
         return True
 
     def _submit(self, d: frames.Dispatch, track: bool) -> None:
+        if not ray.is_initialized():  # (a .remote() now would start a Ray of its own)
+            self._ray_gone()
+            self.events.append(Returned(d.job_id))
+            return
         buffers = [pickle.PickleBuffer(v) for v in oob.read(d.oob, unlink_now=False)] if d.oob else []
         now = time.monotonic()  # before the hand-over: a timeout's clock counts it, as the caller's does
         ref = self.task.remote(tuple(d), buffers, (self.flags_name, self.token), self.paths)
-        self.inflight[d.job_id] = ref
-        self.started_at[d.job_id] = now
-        if track:
-            self.events.append(Started(d.job_id, now))
         run = d.job_id
+        self.inflight[run] = ref
+        self.started_at[run] = now
+        if d.flags & frames.F_CHECKPOINT_LIVE:
+            self.in_actor.add(run)
+        if track:
+            self.events.append(Started(run, now))
         ref.future().add_done_callback(lambda fut: self._done(run, fut))
 
     def _done(self, run: int, fut: Any) -> None:
         """On Ray's thread: queue the finished run and wake the loop."""
-        self.done.append((run, fut))
-        self.bell.ring()
+        with self._lock:
+            if not self.closed:
+                self.done.append((run, fut))
+                self.bell.ring()
 
     def _unpark(self) -> None:
         while self.parked and len(self.inflight) < self.capacity:
             self._submit(self.parked.popleft(), True)
 
     def running(self) -> dict[int, int]:
-        return dict.fromkeys(self.inflight, -1)
+        """The runs on a CPU: the first ``capacity`` given (Ray starts them in order); the window's wait."""
+        out: dict[int, int] = {}
+        for run in self.inflight:
+            if len(out) >= self.capacity:
+                break
+            if run not in self.taking_back:
+                out[run] = -1  # Ray places it: no index of ours
+        return out
 
     def worker_of(self, job_id: int) -> int:
-        return -1  # Ray places it: no index of ours
+        return -1
 
     # -- stopping runs ------------------------------------------------------------------------
     def kill(self, job_id: int, reason: str, now: float) -> bool:
@@ -347,13 +310,24 @@ class RayBackend:
         return False
 
     def request_yield(self, job_id: int, kill_after: float | None, now: float) -> bool:
+        self._take_back_window()
         if job_id not in self.inflight or job_id in self.killing:
             return False
         self.flags.ask.remote((self.token, job_id), True)
-        self.flagged.add(job_id)
+        self.in_actor.add(job_id)
         self.yield_at[job_id] = now + kill_after if kill_after is not None else 0.0
         log.info("preempt_requested", run=job_id, kill_after=kill_after)
         return True
+
+    def _take_back_window(self) -> None:
+        """A hot job waits: the runs queued in Ray beyond its CPUs would take the CPU a yield frees."""
+        for i, (run, ref) in enumerate(self.inflight.items()):
+            if i >= self.capacity and run not in self.taking_back and run not in self.killing:
+                self.taking_back.add(run)
+                try:
+                    ray.cancel(ref, force=False)
+                except Exception as e:  # noqa: BLE001 - it finished meanwhile: its outcome tells
+                    log.debug("ray_cancel_failed", run=run, error=repr(e))
 
     def cancel_yield(self, job_id: int) -> None:
         if self.yield_at.pop(job_id, None) is not None:
@@ -367,22 +341,29 @@ class RayBackend:
             run, fut = done.popleft()
             if self.inflight.pop(run, None) is None:
                 continue
-            self.started_at.pop(run, None)
-            self.yield_at.pop(run, None)
-            if run in self.flagged:
-                self.flagged.discard(run)
-                forget.append(run)
+            if run in self.in_actor:
+                forget.append((self.token, run))
+            self._forget_run(run)
             self.events.append(self._outcome(run, fut, self.killing.pop(run, "")))
         if forget:
-            self.flags.forget.remote([(self.token, run) for run in forget])
+            self.flags.forget.remote(forget)
         self._unpark()
         events, self.events = self.events, []
         return events
 
+    def _forget_run(self, run: int) -> None:
+        self.started_at.pop(run, None)
+        self.yield_at.pop(run, None)
+        self.in_actor.discard(run)
+
     def _outcome(self, run: int, fut: Any, killed_for: str) -> Event:
+        back = run in self.taking_back
+        self.taking_back.discard(run)
         try:
             status, run_us, payload, bufs = fut.result()
         except rex.TaskCancelledError:
+            if back and not killed_for:
+                return Returned(run)  # called back for a hot job: to the front of its lane, no attempt spent
             detail = f"its Ray task was cancelled ({killed_for})" if killed_for else "its Ray task was cancelled from outside"
             return Lost(run, WorkerLost(detail), killed_for)
         except rex.RayError as e:
@@ -406,7 +387,7 @@ class RayBackend:
         """A ``preempt="kill"`` run that did not yield in time: keep its last checkpoint, then kill it."""
         state: bytes
         try:
-            state = ray.get(self.flags.take.remote((self.token, run)), timeout=5.0)
+            state = ray.get(self.flags.take.remote((self.token, run)), timeout=_TAKE_TIMEOUT)
         except Exception as e:  # noqa: BLE001 - no checkpoint: it resumes from its last known one
             log.warning("ray_checkpoint_unavailable", run=run, error=repr(e))
             state = b""
@@ -429,27 +410,32 @@ class RayBackend:
         self._unpark()
 
     def close(self, deadline: float) -> None:
-        """Cancel what still runs, drop the actor, and stop Ray if the pool started it."""
-        self.closing = True
-        for ref in self.inflight.values():
-            try:
-                ray.cancel(ref, force=True)
-            except Exception:  # noqa: BLE001, S110 - finished meanwhile
-                pass
+        """Cancel what still runs and wait (until ``deadline``) for Ray to confirm it; stop Ray if
+        this was the last pool using the Ray a pool started."""
+        refs = list(self.inflight.values())
+        if ray.is_initialized():
+            for ref in refs:
+                with contextlib.suppress(Exception):  # finished meanwhile
+                    ray.cancel(ref, force=True)
+            if refs:
+                with contextlib.suppress(Exception):
+                    # (a floor: the cancels are forced, so Ray confirms them in milliseconds)
+                    ray.wait(refs, num_returns=len(refs), timeout=max(2.0, deadline - time.monotonic()))
+            with contextlib.suppress(Exception):
+                self.flags.drop.remote(self.token)
+        with self._lock:
+            self.closed = True
         self.inflight.clear()
         self.parked.clear()
-        try:
-            self.flags.drop.remote(self.token)
-        except Exception:  # noqa: BLE001, S110 - Ray is already gone
-            pass
-        if self.owns_ray:
-            ray.shutdown()
+        if self.shares:
+            self.shares = False
+            _leave()
 
     def stats(self) -> dict[str, object]:
         """One row per CPU the pool may use (busy: a run is on it), as the local pool has per worker."""
-        busy = len(self.inflight)
+        busy = min(len(self.inflight), self.capacity)
         slots = [{"index": i, "pid": None, "state": "ready", "queued": int(i < busy), "done": None} for i in range(self.capacity)]
-        return {"workers": slots, "backend": "ray", "in_flight": busy, "parked": len(self.parked), "restarts": self.restarts, "degraded": self.degraded}
+        return {"workers": slots, "backend": "ray", "in_flight": len(self.inflight), "parked": len(self.parked), "restarts": self.restarts, "degraded": self.degraded}
 
     def workers_status(self, now: float, job_of: Any) -> list[dict[str, Any]]:
         """One row per CPU the pool may use, with the run on it (Ray, not procsched, knows the processes)."""
@@ -459,7 +445,7 @@ class RayBackend:
             run = runs[i] if i < len(runs) else None
             current = job_of(run) if run is not None else None
             out.append({
-                "index": i, "pid": None, "state": "ray", "rss": 0,
+                "index": i, "pid": None, "state": "ray" if i < self.capacity else "queued in ray", "rss": 0,
                 "job": current[0] if current else None, "name": current[1] if current else None,
                 "uptime_s": round(now - self.started_at.get(run, now), 1) if run is not None else None, "jobs_done": None,
             })  # fmt: skip
