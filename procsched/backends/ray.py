@@ -32,8 +32,8 @@ contract (``backends.Backend``) maps onto Ray:
   and waited for, by its first Ray pool; ``raytask.py``) holds the yield
   flags and the streamed checkpoints of ``preempt="kill"`` runs, which the
   backend takes before it kills such a run;
-* **Ray itself**: a pool that finds no Ray starts one (or joins
-  ``address``) and the last pool using it stops it; if Ray is shut down
+* **Ray itself** (``rayconnect.py``): a pool that finds no Ray starts one
+  (or joins ``address``) and the last pool using it stops it; if Ray is shut down
   under a pool, its runs are lost (and retried per policy) and it reports
   itself degraded instead of letting Ray start itself again.
 
@@ -51,13 +51,11 @@ import contextlib
 import os
 import pickle
 import select
-import signal
-import socket
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -67,7 +65,8 @@ from ..errors import WorkerLost
 from ..ipc import frames, oob
 from ..log import get_logger
 from . import Event, Lost, Result, Returned, Started
-from .raytask import Flags, execute
+from .rayconnect import flag_actor, join, leave
+from .raytask import execute
 
 if TYPE_CHECKING:
     from ..ipc.doorbell import Doorbell
@@ -79,58 +78,6 @@ log = get_logger("procsched.ray")
 _CAPACITY_EVERY = 1.0  # seconds between reads of the cluster's CPU count
 _TAKE_TIMEOUT = 2.0  # seconds the loop waits for a preempted run's last checkpoint
 
-_joined = threading.Lock()
-_ours = {"users": 0}  # pools using the Ray connection a pool made (the last one closes it)
-
-
-def _join(spec: Ray) -> bool:
-    """Make sure this process is connected to Ray; True if the connection is a pool's own."""
-    with _joined:
-        if not ray.is_initialized():
-            _reachable(spec.address)
-            kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True, **spec.init}
-            if spec.address is not None:
-                kwargs["address"] = spec.address
-            with _own_signals():
-                ray.init(**kwargs)
-            _ours["users"] = 1
-            return True
-        if _ours["users"]:
-            _ours["users"] += 1
-            return True
-        return False  # the caller's own ray.init(): theirs to end
-
-
-def _leave() -> None:
-    with _joined:
-        _ours["users"] -= 1
-        if _ours["users"] == 0 and ray.is_initialized():
-            ray.shutdown()
-
-
-def _reachable(address: str | None) -> None:
-    """Fail at once, naming it, on a "host:port" nobody listens on (``ray.init`` would retry
-    for many minutes)."""
-    if not address or address == "auto" or "://" in address:
-        return
-    host, _, port = address.rpartition(":")
-    if not port.isdigit():
-        return
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
-    except OSError as e:
-        raise ConnectionError(f"no Ray cluster answers at {address}: {e.strerror or e}") from None
-
-
-def _flag_actor() -> tuple[str, Any]:
-    """This process's flag actor, up before any job runs (so no streamed checkpoint can reach it
-    after the supervisor took the last one); restarted by Ray if its process dies."""
-    name = f"procsched-flags-{os.getpid()}"
-    actor: Any = ray.remote(Flags).options(name=name, get_if_exists=True, num_cpus=0, max_concurrency=64, max_restarts=-1).remote()
-    ray.get(actor.__ray_ready__.remote(), timeout=120)
-    return name, actor
-
-
 class RayBackend:
     """``backends.Backend`` over a Ray cluster; driven by the supervisor's loop thread alone,
     except :meth:`_done`, which Ray calls on its own thread."""
@@ -140,16 +87,16 @@ class RayBackend:
         self.spec = spec
         self.bell = bell
         self.restarts = 0
-        self.shares = _join(spec)
+        self.shares = join(spec)
         try:
             options: dict[str, Any] = {"max_retries": 0, "retry_exceptions": False, "num_cpus": 1}
             if spec.spread:
                 options["scheduling_strategy"] = "SPREAD"
             self.task: Any = ray.remote(execute).options(**options)
-            self.flags_name, self.flags = _flag_actor()
+            self.flags_name, self.flags = flag_actor()
         except BaseException:
             if self.shares:
-                _leave()
+                leave()
             raise
         self.token = os.urandom(6).hex()  # names this pool's runs in the shared flag actor
         self.paths = tuple(p for p in sys.path if p)
@@ -429,7 +376,7 @@ class RayBackend:
         self.parked.clear()
         if self.shares:
             self.shares = False
-            _leave()
+            leave()
 
     def stats(self) -> dict[str, object]:
         """One row per CPU the pool may use (busy: a run is on it), as the local pool has per worker."""
@@ -450,22 +397,6 @@ class RayBackend:
                 "uptime_s": round(now - self.started_at.get(run, now), 1) if run is not None else None, "jobs_done": None,
             })  # fmt: skip
         return out
-
-
-@contextlib.contextmanager
-def _own_signals() -> Iterator[None]:
-    """Keep the process's SIGTERM and SIGINT handlers: ``ray.init`` installs its own, which would
-    end the process on SIGTERM before ``procsched serve`` can drain (or a caller's handler runs)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in kept.items():
-            if handler is not None:
-                signal.signal(sig, handler)
 
 
 def _describe(e: BaseException) -> str:

@@ -1,0 +1,98 @@
+"""The Ray backend's connection to Ray: one per process, shared by its Ray pools.
+
+A pool that finds this process not connected to Ray starts a Ray of its own
+(no ``address``) or joins the cluster at ``address``; later Ray pools of the
+process use that same connection, and the last of them to close ends it.
+A connection the caller made with ``ray.init()`` is the caller's: pools use
+it and leave it. ``ray.init`` installs SIGTERM and SIGINT handlers of its
+own; the process's are put back, so ``procsched serve`` still drains on
+SIGTERM. A ``host:port`` nobody listens on fails at once, naming it, where
+``ray.init`` would retry for many minutes.
+
+The flag actor (``raytask.Flags``) is one per process too, up before the
+first job runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from .raytask import Flags
+
+if TYPE_CHECKING:
+    from . import Ray
+
+_joined = threading.Lock()
+_ours = {"users": 0}  # pools using the Ray connection a pool made (the last one closes it)
+
+
+def join(spec: Ray) -> bool:
+    """Make sure this process is connected to Ray; True if the connection is a pool's own."""
+    with _joined:
+        if not ray.is_initialized():
+            _reachable(spec.address)
+            kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True, **spec.init}
+            if spec.address is not None:
+                kwargs["address"] = spec.address
+            with _own_signals():
+                ray.init(**kwargs)
+            _ours["users"] = 1
+            return True
+        if _ours["users"]:
+            _ours["users"] += 1
+            return True
+        return False  # the caller's own ray.init(): theirs to end
+
+
+def leave() -> None:
+    with _joined:
+        _ours["users"] -= 1
+        if _ours["users"] == 0 and ray.is_initialized():
+            ray.shutdown()
+
+
+def _reachable(address: str | None) -> None:
+    """Fail at once, naming it, on a "host:port" nobody listens on (``ray.init`` would retry
+    for many minutes)."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConnectionError(f"no Ray cluster answers at {address}: {e.strerror or e}") from None
+
+
+def flag_actor() -> tuple[str, Any]:
+    """This process's flag actor, up before any job runs (so no streamed checkpoint can reach it
+    after the supervisor took the last one); restarted by Ray if its process dies."""
+    name = f"procsched-flags-{os.getpid()}"
+    actor: Any = ray.remote(Flags).options(name=name, get_if_exists=True, num_cpus=0, max_concurrency=64, max_restarts=-1).remote()
+    ray.get(actor.__ray_ready__.remote(), timeout=120)
+    return name, actor
+
+
+@contextlib.contextmanager
+def _own_signals() -> Iterator[None]:
+    """Keep the process's SIGTERM and SIGINT handlers: ``ray.init`` installs its own, which would
+    end the process on SIGTERM before ``procsched serve`` can drain (or a caller's handler runs)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            if handler is not None:
+                signal.signal(sig, handler)
