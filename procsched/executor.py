@@ -90,6 +90,7 @@ class Pool(_Submitter, Controls, Executor):
             raise TypeError(f"Pool(): {e}") from None
         _check_config(self._config)
         self._workers = max_workers  # 0: as many as the backend has room for (a Ray cluster's CPUs)
+        self._follows = isinstance(spec, backends.Ray)  # may go back to 0 (follow the cluster) in reconfigure()
         self._pool = self
         self._opts = DEFAULT_OPTIONS
         self._encoder = CallEncoder()
@@ -287,7 +288,8 @@ class Pool(_Submitter, Controls, Executor):
         """Change what can change while the pool runs: ``max_workers`` (grown at once, shrunk
         as workers finish their job), memory caps, ``max_tasks_per_child``, graces, prefetch.
         A new ``soft`` memory cap or ring size applies to workers started from now on.
-        ``aging_rate`` and ``log_dir`` need a new pool (``ValueError``). The names changed."""
+        ``aging_rate`` and ``log_dir`` need a new pool (``ValueError``). On a Ray pool,
+        ``max_workers`` caps the jobs running at once, and 0 lifts the cap. The names changed."""
         old = self._config
         given = {k: v for k, v in settings.items() if v is not None}
         given.setdefault("max_workers", old.max_workers)
@@ -300,8 +302,9 @@ class Pool(_Submitter, Controls, Executor):
         fixed = [f for f in changed if f in ("aging_rate", "log_dir")]
         if fixed:
             raise ValueError(f"{', '.join(fixed)} cannot change while the pool runs")
-        if isinstance(new.max_workers, bool) or not isinstance(new.max_workers, int) or new.max_workers < 0 or (new.max_workers == 0 and old.max_workers):
-            raise ValueError(f"max_workers must be a positive int, not {new.max_workers!r}")
+        if isinstance(new.max_workers, bool) or not isinstance(new.max_workers, int) or new.max_workers < 0 or (new.max_workers == 0 and not self._follows):
+            what = "a positive int (or 0 on a Ray pool: as many as the cluster's CPUs)" if isinstance(new.max_workers, int) else "an int"
+            raise ValueError(f"max_workers must be {what}, not {new.max_workers!r}")
         if changed:
             self._sup.post(("reconfigure", new))
             self._config, self._workers = new, new.max_workers

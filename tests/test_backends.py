@@ -317,3 +317,18 @@ def test_a_hot_job_takes_the_first_cpu_a_yield_frees(backend: backends.Spec, tmp
         stats = pool.stats()
     assert hot_at > 0
     assert stats["preempted"] == 1, "one yield made room for the hot job"
+
+
+def test_reconfigure_changes_the_cap_and_refuses_nonsense(backend: backends.Spec) -> None:
+    with procsched.Pool(2, backend=backend) as pool:
+        assert pool.reconfigure({"max_workers": 1}) == ["max_workers"]
+        assert pool.max_workers == 1
+        with pytest.raises(ValueError, match="max_workers"):
+            pool.reconfigure({"max_workers": -1})
+        if isinstance(backend, backends.Ray):
+            assert pool.reconfigure({"max_workers": 0}) == ["max_workers"]
+            assert pool.max_workers == 2, "no cap: the cluster's CPUs"
+        else:
+            with pytest.raises(ValueError, match="max_workers"):
+                pool.reconfigure({"max_workers": 0})
+        assert pool.submit(square, 4).result(timeout=WAIT) == 16

@@ -56,6 +56,7 @@ def leave() -> None:
     with _joined:
         _ours["users"] -= 1
         if _ours["users"] == 0 and ray.is_initialized():
+            _actor.clear()
             ray.shutdown()
 
 
@@ -73,13 +74,25 @@ def _reachable(address: str | None) -> None:
         raise ConnectionError(f"no Ray cluster answers at {address}: {e.strerror or e}") from None
 
 
+_actor: dict[str, Any] = {}  # the flag actor of this process's current Ray connection: job id, name, handle
+
+
 def flag_actor() -> tuple[str, Any]:
     """This process's flag actor, up before any job runs (so no streamed checkpoint can reach it
-    after the supervisor took the last one); restarted by Ray if its process dies."""
-    name = f"procsched-flags-{os.getpid()}"
-    actor: Any = ray.remote(Flags).options(name=name, get_if_exists=True, num_cpus=0, max_concurrency=64, max_restarts=-1).remote()
-    ray.get(actor.__ray_ready__.remote(), timeout=120)
-    return name, actor
+    after the supervisor took the last one); restarted by Ray if its process dies.
+
+    Held here for as long as the connection lasts: a named actor nobody holds a handle to is
+    ended by Ray, even while the next pool is asking for it by name.
+    """
+    with _joined:
+        job = ray.get_runtime_context().get_job_id()
+        if _actor.get("job") != job:  # (a new connection: the old handle belongs to a gone cluster)
+            name = f"procsched-flags-{os.getpid()}-{os.urandom(4).hex()}"
+            handle = ray.remote(Flags).options(name=name, num_cpus=0, max_concurrency=64, max_restarts=-1).remote()
+            _actor.update(job=job, name=name, handle=handle)
+        name, handle = _actor["name"], _actor["handle"]
+    ray.get(handle.__ray_ready__.remote(), timeout=120)
+    return name, handle
 
 
 @contextlib.contextmanager
