@@ -78,6 +78,7 @@ log = get_logger("procsched.ray")
 _CAPACITY_EVERY = 1.0  # seconds between reads of the cluster's CPU count
 _TAKE_TIMEOUT = 2.0  # seconds the loop waits for a preempted run's last checkpoint
 
+
 class RayBackend:
     """``backends.Backend`` over a Ray cluster; driven by the supervisor's loop thread alone,
     except :meth:`_done`, which Ray calls on its own thread."""

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import ray
+from ray import exceptions as rex
 
 from .raytask import Flags
 
@@ -74,7 +75,7 @@ def _reachable(address: str | None) -> None:
         raise ConnectionError(f"no Ray cluster answers at {address}: {e.strerror or e}") from None
 
 
-_actor: dict[str, Any] = {}  # the flag actor of this process's current Ray connection: job id, name, handle
+_actor: dict[str, Any] = {}  # the flag actor of this process's current Ray connection: connection, name, handle
 
 
 def flag_actor() -> tuple[str, Any]:
@@ -85,14 +86,24 @@ def flag_actor() -> tuple[str, Any]:
     ended by Ray, even while the next pool is asking for it by name.
     """
     with _joined:
-        job = ray.get_runtime_context().get_job_id()
-        if _actor.get("job") != job:  # (a new connection: the old handle belongs to a gone cluster)
-            name = f"procsched-flags-{os.getpid()}-{os.urandom(4).hex()}"
-            handle = ray.remote(Flags).options(name=name, num_cpus=0, max_concurrency=64, max_restarts=-1).remote()
-            _actor.update(job=job, name=name, handle=handle)
-        name, handle = _actor["name"], _actor["handle"]
-    ray.get(handle.__ray_ready__.remote(), timeout=120)
-    return name, handle
+        context = ray.get_runtime_context()
+        connection = (context.gcs_address, context.get_job_id())  # (job ids restart at 1 per cluster)
+        if _actor.get("connection") != connection:  # the old handle belongs to a gone connection
+            _new_flag_actor(connection)
+        try:
+            ray.get(_actor["handle"].__ray_ready__.remote(), timeout=120)
+        except rex.GetTimeoutError:
+            raise
+        except Exception:  # noqa: BLE001 - gone after all (killed, or a cluster of the same address)
+            _new_flag_actor(connection)
+            ray.get(_actor["handle"].__ray_ready__.remote(), timeout=120)
+        return _actor["name"], _actor["handle"]
+
+
+def _new_flag_actor(connection: tuple[str, str]) -> None:
+    name = f"procsched-flags-{os.getpid()}-{os.urandom(4).hex()}"
+    handle = ray.remote(Flags).options(name=name, num_cpus=0, max_concurrency=64, max_restarts=-1).remote()
+    _actor.update(connection=connection, name=name, handle=handle)
 
 
 @contextlib.contextmanager
