@@ -100,7 +100,8 @@ class RayBackend:
                 leave()
             raise
         self.token = os.urandom(6).hex()  # names this pool's runs in the shared flag actor
-        self.paths = tuple(p for p in sys.path if p)
+        #: what every task needs of the pool: the flag actor's name, this pool's token, sys.path
+        self.pool_blob = pickle.dumps((self.flags_name, self.token, tuple(p for p in sys.path if p)))
         self.poller = select.poll()
         self.poller.register(bell.read_fd, select.POLLIN)
         #: run id -> ObjectRef of the runs Ray was given, in the order it was given them
@@ -191,7 +192,7 @@ class RayBackend:
             return
         buffers = [pickle.PickleBuffer(v) for v in oob.read(d.oob, unlink_now=False)] if d.oob else []
         now = time.monotonic()  # before the hand-over: a timeout's clock counts it, as the caller's does
-        ref = self.task.remote(tuple(d), buffers, (self.flags_name, self.token), self.paths)
+        ref = self.task.remote(frames.encode_run([d]), self.pool_blob, *buffers)
         run = d.job_id
         self.inflight[run] = ref
         self.started_at[run] = now

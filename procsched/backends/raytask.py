@@ -21,6 +21,7 @@ the supervisor has taken the last one.
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import threading
 from typing import Any
@@ -125,12 +126,23 @@ def _use_paths(paths: tuple[str, ...]) -> None:
                 sys.path.append(p)
 
 
-def execute(d: tuple[Any, ...], buffers: list[Any], flags: tuple[str, str], paths: tuple[str, ...]) -> tuple[int, int, bytes, list[Any]]:
+_pools: dict[bytes, tuple[str, str, tuple[str, ...]]] = {}
+
+
+def execute(frame: bytes, pool_blob: bytes, *buffers: Any) -> tuple[int, int, bytes, list[Any]]:
     """Run one job in a Ray worker, as a local worker would: (status, µs, payload, buffers).
-    ``flags``: the flag actor's name and the pool's token."""
-    job = frames.Dispatch(*d)
+
+    ``frame``: the job's ``RUN`` frame; ``pool_blob``: the pool's flag actor name, token and
+    ``sys.path``, pickled once per pool (two byte strings are the cheapest arguments to pass).
+    """
+    job = frames.decode_run(frame)[0]
+    known = _pools.get(pool_blob)
+    if known is None:
+        if len(_pools) > 64:
+            _pools.clear()
+        known = _pools[pool_blob] = pickle.loads(pool_blob)
+    name, pool, paths = known
     _use_paths(paths)
-    name, pool = flags
     watch = YieldWatch(name, (pool, job.job_id))
     live = None
     if job.flags & frames.F_CHECKPOINT_LIVE:
