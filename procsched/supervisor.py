@@ -89,11 +89,14 @@ class Supervisor(Outcomes):
         # The journal (None without one), opened first: a locked or damaged
         # journal fails the pool before anything else is made.
         self.rec = None if journal is None else Recorder(journal)
-        self.bell = Doorbell.create()
         try:
-            self.backend: Backend = (backend or Local()).open(config, prefix, self.bell)
+            self.bell = Doorbell.create()
+            try:
+                self.backend: Backend = (backend or Local()).open(config, prefix, self.bell)
+            except BaseException:
+                self.bell.close()
+                raise
         except BaseException:
-            self.bell.close()
             if self.rec is not None:
                 self.rec.close()
             raise
