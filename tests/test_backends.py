@@ -248,11 +248,11 @@ def test_dependencies_and_continuations(backend: backends.Spec, tmp_path: Path) 
         c = pool.then(a, square)
         bad = pool.submit(divmod, 1, 0)
         after_bad = pool.options(depends_on=[bad]).submit(square, 2)
-        time.sleep(0.1)
         assert not b.done() and not c.done(), "they wait for their prerequisite"
+        opened = time.monotonic_ns()
         Path(gate).touch()
         assert c.result(timeout=WAIT) == 36
-        assert b.result(timeout=WAIT) > 0
+        assert b.result(timeout=WAIT) > opened, "b began only once its prerequisite was let finish"
         wait_for(after_bad.done, WAIT, "the dependent of a failed job to settle")
         assert after_bad.cancelled()
 

@@ -20,12 +20,18 @@ def svc(tmp_path: Path):
         yield s
 
 
+def hold_worker(client: procsched.Client, gate: Path, x: int) -> cf.Future:
+    """Take the (one) worker with a job that runs until ``gate/go`` exists; once it has begun."""
+    gate.mkdir(exist_ok=True)
+    fut = client.submit(touch_then_square, str(gate), x)
+    wait_for(lambda: (gate / f"started-{x}").exists(), 10, "the job to start")
+    return fut
+
+
 def test_cancel_of_queued_jobs_and_map_timeout(svc: Service, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
-    gate.mkdir()
     with procsched.connect(svc.address, progress=False) as client:
-        blocker = client.submit(touch_then_square, str(gate), 1)
-        wait_for(lambda: (gate / "started-1").exists(), 10, "the worker to be taken")
+        blocker = hold_worker(client, gate, 1)
         queued = [client.submit(square, i) for i in range(20)]
         assert all(f.cancel() for f in queued)  # the service's own CANCELLED push races this: no error
         assert all(f.cancelled() for f in queued)
@@ -51,10 +57,8 @@ def test_then_and_depends_on_through_the_client(svc: Service) -> None:
 
 def test_shutdown_cancel_futures_cancels_what_has_not_started(svc: Service, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
-    gate.mkdir()
     client = procsched.connect(svc.address, progress=False)
-    running = client.submit(touch_then_square, str(gate), 2)
-    wait_for(lambda: (gate / "started-2").exists(), 10, "the job to start")
+    running = hold_worker(client, gate, 2)
     queued = [client.submit(square, i) for i in range(20)]
     (gate / "go").touch()
     client.shutdown(wait=True, cancel_futures=True)
@@ -66,11 +70,9 @@ def test_shutdown_cancel_futures_cancels_what_has_not_started(svc: Service, tmp_
 def test_a_restart_without_a_journal_sends_the_jobs_again(tmp_path: Path) -> None:
     svc = Service(tmp_path, workers=1, config="[service]\njournal = false\n").start()
     gate = tmp_path / "gate"
-    gate.mkdir()
     try:
         client = procsched.connect(svc.address, progress=False, reconnect=60)
-        first = client.submit(touch_then_square, str(gate), 5)
-        wait_for(lambda: (gate / "started-5").exists(), 10, "the job to start")
+        first = hold_worker(client, gate, 5)
         plain = [client.submit(square, i) for i in range(10)]
         chained = client.options(depends_on=first).submit(square, 7)
         svc.kill()
@@ -88,11 +90,9 @@ def test_a_restart_without_a_journal_sends_the_jobs_again(tmp_path: Path) -> Non
 def test_submits_during_a_drain_go_to_the_next_service(tmp_path: Path) -> None:
     svc = Service(tmp_path, workers=1, config="[service]\ndrain_timeout = 20.0\n").start()
     gate = tmp_path / "gate"
-    gate.mkdir()
     try:
         client = procsched.connect(svc.address, progress=False, reconnect=60)
-        running = client.submit(touch_then_square, str(gate), 6)
-        wait_for(lambda: (gate / "started-6").exists(), 10, "the job to start")
+        running = hold_worker(client, gate, 6)
         svc.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: "draining" in svc.output(), 10, "the drain")
         late = client.submit(square, 8)  # refused by the stopping service: held, not failed

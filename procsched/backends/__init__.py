@@ -147,8 +147,6 @@ class Backend(Protocol):
 class Local:
     """Worker processes on this machine, fed through shared-memory rings (the default)."""
 
-    name = "local"
-
     def default_workers(self) -> int:
         import loky  # here, not at the top: it costs ~60 ms to import, and only this needs it
 
@@ -175,8 +173,6 @@ class Ray:
     The pool's ``max_workers`` caps how many jobs run at once; without it, as many as the
     cluster has CPUs, followed as nodes join and leave.
     """
-
-    name = "ray"
 
     def __init__(self, address: str | None = None, *, window: int = 1, spread: bool = False, init: Mapping[str, Any] | None = None) -> None:
         if address is not None and (not isinstance(address, str) or not address):
