@@ -332,3 +332,22 @@ def test_reconfigure_changes_the_cap_and_refuses_nonsense(backend: backends.Spec
             with pytest.raises(ValueError, match="max_workers"):
                 pool.reconfigure({"max_workers": 0})
         assert pool.submit(square, 4).result(timeout=WAIT) == 16
+
+
+def test_the_ray_window_follows_the_job_length(backend: backends.Spec, tmp_path: Path) -> None:
+    """Tiny jobs widen the runs queued in Ray to four per CPU (Ray's per-task round trip would
+    idle its CPUs otherwise); a long job narrows it back to one, so the heap keeps the order."""
+    if not isinstance(backend, backends.Ray):
+        pytest.skip("the local pool's prefetch follows job length the same way (test_executor)")
+    gate = str(tmp_path / "gate")
+    with procsched.Pool(backend=backend) as pool:
+        assert pool.stats()["window"] == 1, "no job measured yet: one run beyond the CPUs"
+        assert [f.result(timeout=WAIT) for f in [pool.submit(square, i) for i in range(20)]] == [i * i for i in range(20)]
+        assert pool.stats()["window"] == 8
+        held = [pool.submit(gated, gate, i) for i in range(14)]
+        wait_for(lambda: pool.stats()["in_flight"] == 10, WAIT, "2 runs on the CPUs and 8 queued in Ray")
+        assert pool.stats()["queued"] == 4, "the rest wait in procsched's heap"
+        Path(gate).touch()
+        assert [f.result(timeout=WAIT) for f in held] == list(range(14))
+        pool.submit(span, 0.05).result(timeout=WAIT)
+        assert pool.stats()["window"] == 1

@@ -168,17 +168,19 @@ class Ray:
     None starts a Ray of this machine's own, or uses the one ``ray.init()`` already made.
     ``window``: tasks handed to Ray beyond its free CPUs, so a CPU that comes free starts
     the next job without a round trip (jobs with a timeout wait here instead, so their clock
-    starts when they do). ``spread``: ask Ray to spread jobs over the nodes rather than pack
+    starts when they do). None (the default) adapts it to the jobs' length, as the local
+    pool's prefetch does: one task while jobs are long, up to four per CPU while they take
+    a millisecond or so; an int fixes it. ``spread``: ask Ray to spread jobs over the nodes rather than pack
     them. ``init``: more keywords for ``ray.init`` (``runtime_env``, ``namespace``, ...).
     The pool's ``max_workers`` caps how many jobs run at once; without it, as many as the
     cluster has CPUs, followed as nodes join and leave.
     """
 
-    def __init__(self, address: str | None = None, *, window: int = 1, spread: bool = False, init: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, address: str | None = None, *, window: int | None = None, spread: bool = False, init: Mapping[str, Any] | None = None) -> None:
         if address is not None and (not isinstance(address, str) or not address):
             raise ValueError(f"Ray(address=...) must be a non-empty str or None, not {address!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-            raise ValueError(f"Ray(window=...) must be a non-negative int, not {window!r}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
+            raise ValueError(f"Ray(window=...) must be a non-negative int or None (adaptive), not {window!r}")
         if init is not None and not isinstance(init, Mapping):
             raise TypeError(f"Ray(init=...) must be a mapping of ray.init keywords, not {type(init).__name__}")
         self.address = address

@@ -8,9 +8,15 @@ policy alone decides what a failure costs. How each part of the backend
 contract (``backends.Backend``) maps onto Ray:
 
 * **capacity**: only as many runs are handed to Ray as the cluster has CPUs
-  (or the pool's ``max_workers``, if lower; then no more), plus ``window``
+  (or the pool's ``max_workers``, if lower; then no more), plus a window
   more that wait in Ray's queue, so that procsched's priority order is what
-  runs, not Ray's queue. The count of CPUs is read once a second (a GCS
+  runs, not Ray's queue. The window adapts as the local pool's prefetch
+  does: enough runs to cover the pool's ``prefetch_s`` at the measured job
+  length, at most ``_PER_CPU`` per CPU, at least one (``Ray(window=n)``
+  fixes it). Tiny jobs need it: each Ray task costs milliseconds of round
+  trip, and with one run in the window a 2-CPU Ray runs no-op jobs at 0.7x
+  of its own speed with everything submitted at once; with 4 per CPU, at
+  about 1x (docs/ray-backend.md). The count of CPUs is read once a second (a GCS
   round trip; Ray's own "available" figure lags by a third of a second, so
   we count our runs ourselves). A run with a timeout is *parked* here until
   a CPU is free, so its clock starts when it can start. While a hot job
@@ -48,6 +54,7 @@ own memory monitor applies).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pickle
 import select
@@ -55,7 +62,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -77,6 +84,7 @@ log = get_logger("procsched.ray")
 
 _CAPACITY_EVERY = 1.0  # seconds between reads of the cluster's CPU count
 _TAKE_TIMEOUT = 2.0  # seconds the loop waits for a preempted run's last checkpoint
+_PER_CPU = 4  # most runs an adaptive window queues in Ray per CPU (tiny jobs)
 
 
 class RayBackend:
@@ -119,6 +127,9 @@ class RayBackend:
         self.in_actor: set[int] = set()  # runs whose flag or checkpoints the actor may hold
         self.cluster_cpus = 0
         self.capacity_at = 0.0
+        #: running estimate of a job's length (s), from the runs seen to end; None: none yet
+        self.ewma_s: float | None = None
+        self.per_cpu = 0  # the adaptive window's runs per CPU (0: one run in all)
         self._refresh(time.monotonic())
 
     # -- capacity -----------------------------------------------------------------------
@@ -155,7 +166,17 @@ class RayBackend:
         """Runs given beyond the free CPUs, to queue in Ray: none when ``max_workers`` caps the pool
         below the cluster (Ray would run them at once)."""
         cap = self.config.max_workers
-        return self.spec.window if not cap or cap >= self.cluster_cpus else 0
+        if cap and cap < self.cluster_cpus:
+            return 0
+        if self.spec.window is not None:
+            return self.spec.window
+        return max(1, self.capacity * self.per_cpu)
+
+    def _measured(self, run_us: int) -> None:
+        """A run ended after ``run_us``: follow the job length, and the window with it."""
+        s = run_us / 1e6
+        self.ewma_s = s if self.ewma_s is None else self.ewma_s + 0.2 * (s - self.ewma_s)
+        self.per_cpu = min(_PER_CPU, int(self.config.prefetch_s / max(self.ewma_s, 1e-5)))
 
     @property
     def degraded(self) -> bool:
@@ -200,13 +221,13 @@ class RayBackend:
             self.in_actor.add(run)
         if track:
             self.events.append(Started(run, now))
-        ref.future().add_done_callback(lambda fut: self._done(run, fut))
+        _when_done(ref, functools.partial(self._done, run))
 
-    def _done(self, run: int, fut: Any) -> None:
-        """On Ray's thread: queue the finished run and wake the loop."""
+    def _done(self, run: int, value: Any) -> None:
+        """On Ray's thread: queue the finished run (its value, or the error Ray gave) and wake the loop."""
         with self._lock:
             if not self.closed:
-                self.done.append((run, fut))
+                self.done.append((run, value))
                 self.bell.ring()
 
     def _unpark(self) -> None:
@@ -287,13 +308,13 @@ class RayBackend:
         done = self.done
         forget = []
         while done:
-            run, fut = done.popleft()
+            run, value = done.popleft()
             if self.inflight.pop(run, None) is None:
                 continue
             if run in self.in_actor:
                 forget.append((self.token, run))
             self._forget_run(run)
-            self.events.append(self._outcome(run, fut, self.killing.pop(run, "")))
+            self.events.append(self._outcome(run, value, self.killing.pop(run, "")))
         if forget:
             self.flags.forget.remote(forget)
         self._unpark()
@@ -305,11 +326,13 @@ class RayBackend:
         self.yield_at.pop(run, None)
         self.in_actor.discard(run)
 
-    def _outcome(self, run: int, fut: Any, killed_for: str) -> Event:
+    def _outcome(self, run: int, value: Any, killed_for: str) -> Event:
         back = run in self.taking_back
         self.taking_back.discard(run)
         try:
-            status, run_us, payload, bufs = fut.result()
+            if isinstance(value, BaseException):
+                raise value.as_instanceof_cause() if isinstance(value, rex.RayTaskError) else value
+            status, run_us, payload, bufs = value
         except rex.TaskCancelledError:
             if back and not killed_for:
                 return Returned(run)  # called back for a hot job: to the front of its lane, no attempt spent
@@ -321,6 +344,7 @@ class RayBackend:
             return Lost(run, WorkerLost(_describe(e)), killed_for)
         except Exception as e:  # noqa: BLE001 - the reply itself would not load: the run is lost
             return Lost(run, WorkerLost(f"its reply could not be read: {type(e).__name__}: {e}"), killed_for)
+        self._measured(run_us)
         return Result(run, status, run_us, payload, [memoryview(b) for b in bufs])
 
     def tick(self, now: float) -> None:
@@ -384,7 +408,7 @@ class RayBackend:
         """One row per CPU the pool may use (busy: a run is on it), as the local pool has per worker."""
         busy = min(len(self.inflight), self.capacity)
         slots = [{"index": i, "pid": None, "state": "ready", "queued": int(i < busy), "done": None} for i in range(self.capacity)]
-        return {"workers": slots, "backend": "ray", "in_flight": len(self.inflight), "parked": len(self.parked), "restarts": self.restarts, "degraded": self.degraded}
+        return {"workers": slots, "backend": "ray", "in_flight": len(self.inflight), "window": self._window(), "parked": len(self.parked), "restarts": self.restarts, "degraded": self.degraded}
 
     def workers_status(self, now: float, job_of: Any) -> list[dict[str, Any]]:
         """One row per CPU the pool may use, with the run on it (Ray, not procsched, knows the processes)."""
@@ -399,6 +423,21 @@ class RayBackend:
                 "uptime_s": round(now - self.started_at.get(run, now), 1) if run is not None else None, "jobs_done": None,
             })  # fmt: skip
         return out
+
+
+def _when_done(ref: Any, callback: Callable[[Any], None]) -> None:
+    """Call ``callback`` on Ray's thread with the task's value, or the error Ray has for it.
+
+    ``ObjectRef._on_completed`` is what ``ObjectRef.future()`` is built on; called directly it
+    saves making a ``concurrent.futures.Future`` per task, which costs about a third of a
+    millisecond of the driver's CPU per task (docs/ray-backend.md). A Ray without it gets
+    ``future()``.
+    """
+    on_completed = getattr(ref, "_on_completed", None)
+    if on_completed is not None:
+        on_completed(callback)
+    else:
+        ref.future().add_done_callback(lambda fut: callback(fut.exception() or fut.result()))
 
 
 def _describe(e: BaseException) -> str:
