@@ -963,6 +963,32 @@ def test_worker_import_loads_only_the_stdlib() -> None:
     assert "msgspec" in _modules_after("import procsched.executor", heavy), "the check can see an import"
 
 
+def interpreter() -> dict[str, Any]:
+    import builtins
+
+    return {
+        "prefix": (sys.prefix, sys.exec_prefix),
+        "path": list(sys.path),
+        "builtins": [name for name in ("exit", "quit", "help", "copyright") if hasattr(builtins, name)],
+        # the import hooks the .pth files installed (an editable install of procsched's aside)
+        "finders": [name for name in map(_finder, sys.meta_path) if not name.startswith(("__editable___procsched", "_pytest."))],
+    }
+
+
+def _finder(f: Any) -> str:
+    cls = f if isinstance(f, type) else type(f)  # (some finders are classes)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_runs_site_as_the_supervisor_did() -> None:
+    """Workers start with -S and run ``site`` themselves (skipping only procsched's own editable
+    hook): the venv, the paths, site's builtins and the .pth files' import hooks are all there."""
+    with procsched.Pool(1) as pool:
+        theirs = pool.submit(interpreter).result(timeout=WAIT)
+    assert theirs == interpreter()
+
+
 def fail_at(x: int, bad: int) -> int:
     if x == bad:
         raise ValueError(f"bad item {x}")
