@@ -52,7 +52,6 @@ from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Protocol, runtime_checkable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import CroniterBadDateError, croniter
 
 MISFIRE_POLICIES = ("skip", "run_once", "catch_up")
 DEFAULT_GRACE = 1.0
@@ -80,6 +79,8 @@ class CronSchedule:
                 " (minute hour day month weekday) or 6 (the same, then seconds)"
             )
         self.expr, self.tz, self._zone = expr, tz, _zone(tz)
+        from croniter import CroniterBadDateError, croniter  # here: a pool without cron does not load it (~30 ms)
+
         try:
             self._iter = croniter(expr, _PROBE)
             self._iter.get_next(datetime)

@@ -273,7 +273,11 @@ def _site() -> None:
     import site
 
     addpackage = site.addpackage
-    site.addpackage = lambda d, name, known: known if name.startswith("__editable__.procsched-") else addpackage(d, name, known)
+
+    def all_but_ours(sitedir: Any, name: Any, known_paths: Any) -> Any:
+        return known_paths if str(name).startswith("__editable__.procsched-") else addpackage(sitedir, name, known_paths)
+
+    site.addpackage = all_but_ours
     try:
         site.main()
     finally:

@@ -957,6 +957,15 @@ def test_supervisor_import_does_not_load_cloudpickle() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_pool_loads_structlog_and_croniter_only_when_it_needs_them() -> None:
+    quiet = "import procsched, logging; p = procsched.Pool(1); p.submit(int, 1).result(); p.shutdown()"
+    assert _modules_after(quiet, ["structlog", "croniter"]) == []
+    loud = quiet.replace("p = ", "logging.getLogger('procsched').setLevel('DEBUG'); p = ")  # a worker's spawn is a debug event
+    assert _modules_after(loud, ["structlog", "croniter"]) == ["structlog"], "an event that passes the level loads it"
+    assert _modules_after("import procsched.schedule as s; s.CronSchedule('* * * * *')", ["croniter"]) == ["croniter"]
+
+
+@pytest.mark.timeout(30)
 def test_worker_import_loads_only_the_stdlib() -> None:
     heavy = ["msgspec", "structlog", "loky", "cloudpickle"]
     assert _modules_after("import procsched.worker", heavy) == []

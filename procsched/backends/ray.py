@@ -54,7 +54,6 @@ own memory monitor applies).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import pickle
 import select
@@ -62,7 +61,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -221,13 +220,13 @@ class RayBackend:
             self.in_actor.add(run)
         if track:
             self.events.append(Started(run, now))
-        _when_done(ref, functools.partial(self._done, run))
+        ref.future().add_done_callback(lambda fut: self._done(run, fut))
 
-    def _done(self, run: int, value: Any) -> None:
-        """On Ray's thread: queue the finished run (its value, or the error Ray gave) and wake the loop."""
+    def _done(self, run: int, fut: Any) -> None:
+        """On Ray's thread: queue the finished run and wake the loop."""
         with self._lock:
             if not self.closed:
-                self.done.append((run, value))
+                self.done.append((run, fut))
                 self.bell.ring()
 
     def _unpark(self) -> None:
@@ -308,13 +307,13 @@ class RayBackend:
         done = self.done
         forget = []
         while done:
-            run, value = done.popleft()
+            run, fut = done.popleft()
             if self.inflight.pop(run, None) is None:
                 continue
             if run in self.in_actor:
                 forget.append((self.token, run))
             self._forget_run(run)
-            self.events.append(self._outcome(run, value, self.killing.pop(run, "")))
+            self.events.append(self._outcome(run, fut, self.killing.pop(run, "")))
         if forget:
             self.flags.forget.remote(forget)
         self._unpark()
@@ -326,13 +325,11 @@ class RayBackend:
         self.yield_at.pop(run, None)
         self.in_actor.discard(run)
 
-    def _outcome(self, run: int, value: Any, killed_for: str) -> Event:
+    def _outcome(self, run: int, fut: Any, killed_for: str) -> Event:
         back = run in self.taking_back
         self.taking_back.discard(run)
         try:
-            if isinstance(value, BaseException):
-                raise value.as_instanceof_cause() if isinstance(value, rex.RayTaskError) else value
-            status, run_us, payload, bufs = value
+            status, run_us, payload, bufs = fut.result()
         except rex.TaskCancelledError:
             if back and not killed_for:
                 return Returned(run)  # called back for a hot job: to the front of its lane, no attempt spent
@@ -423,21 +420,6 @@ class RayBackend:
                 "uptime_s": round(now - self.started_at.get(run, now), 1) if run is not None else None, "jobs_done": None,
             })  # fmt: skip
         return out
-
-
-def _when_done(ref: Any, callback: Callable[[Any], None]) -> None:
-    """Call ``callback`` on Ray's thread with the task's value, or the error Ray has for it.
-
-    ``ObjectRef._on_completed`` is what ``ObjectRef.future()`` is built on; called directly it
-    saves making a ``concurrent.futures.Future`` per task, which costs about a third of a
-    millisecond of the driver's CPU per task (docs/ray-backend.md). A Ray without it gets
-    ``future()``.
-    """
-    on_completed = getattr(ref, "_on_completed", None)
-    if on_completed is not None:
-        on_completed(callback)
-    else:
-        ref.future().add_done_callback(lambda fut: callback(fut.exception() or fut.result()))
 
 
 def _describe(e: BaseException) -> str:
