@@ -20,6 +20,16 @@ from procsched.ipc import oob
 LEAK_DEADLINE = 10.0
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Write procsched's bytecode once, as installing a wheel does: from a checkout with
+    ``PYTHONDONTWRITEBYTECODE`` set, every worker the suite starts would compile it again."""
+    import compileall
+
+    import procsched
+
+    compileall.compile_dir(os.path.dirname(procsched.__file__), quiet=1)
+
+
 def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
     """Poll ``cond`` until it is truthy; fail the test after ``timeout`` seconds."""
     end = time.monotonic() + timeout
