@@ -16,7 +16,9 @@ reports for a run (``backends.Result``, ``Started``, ``Returned``,
 * a run a cancel was stopping ends cancelled, whatever it did;
 * timers (``_fire_timers``): a run past its deadline is killed and fails
   with ``JobTimeout``, a retry's backoff or a delayed job's time queues it,
-  a schedule fires.
+  a schedule fires;
+* the pool's end (``_shutdown``): queued jobs cancelled if asked, every job
+  failed at once on ``terminate()`` or when the loop crashes (``_abandon``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import policy
-from .errors import JobTimeout, WorkerCrashed
+from .errors import JobTimeout, PoolError, WorkerCrashed
 from .futures import Encoded, EncodedError, describe
 from .ipc import frames
 from .jobs import Job, resolve
@@ -40,8 +42,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .backends import Backend
-    from .jobs import Stats
-    from .ledger import Timings
     from .schedules import Schedules
 
 log = get_logger("procsched.supervisor")
@@ -53,9 +53,8 @@ _TIMEOUT, _RETRY, _DUE, _CRON = 0, 1, 2, 3  # timer kinds: a run's deadline, a r
 
 class Outcomes(Requests):
     # the supervisor's, declared for the type checker
-    stats: Stats
-    timings: Timings
     killing: bool
+    closing: bool
     now: float
     yielding: set[int]
     _rng: random.Random
@@ -122,6 +121,40 @@ class Outcomes(Requests):
             else:
                 err: WorkerCrashed = ev.error.for_job(f"{job.label}#{job.id}")
                 self._failed(job, policy.CRASH, err, (), now)
+
+    def _shutdown(self, cancel_futures: bool, kill: bool) -> None:
+        self.closing = True
+        self.schedules.stopped = True
+        self.killing = self.killing or kill  # (before cancelling: terminate() cancels nothing in the journal)
+        if cancel_futures or kill:
+            for job in list(self.jobs.values()):
+                if job.id not in self.jobs:  # a cancel cascaded to it already
+                    continue
+                if not job.dispatched and job.future.cancel():
+                    job.future.notify_cancelled()
+                    self._finish(job, CANCELLED)
+        if kill:
+            self._abandon(PoolError("the pool was terminated while this job ran"))
+
+    def _abandon(self, error: BaseException) -> None:
+        """Fail every job now (terminate(), or the loop crashed).
+
+        The journal records nothing of it: terminate() (and Ctrl-C) stop this
+        process's work, they do not cancel it, so the jobs run again when the
+        journal is reopened, as they would after a crash.
+        """
+        for job in list(self.jobs.values()):
+            if job.id not in self.jobs:  # a cancel cascaded to it already
+                continue
+            if job.run:
+                self._end_run(job)  # a late outcome of this run must find nothing to settle
+            fut = job.future
+            if job.dispatched or fut.set_running_or_notify_cancel():  # (a cancelled one is notified)
+                if not fut.done():
+                    resolve(fut, None, error, job.followers)
+                self._finish(job, FAILED)
+            else:
+                self._finish(job, CANCELLED)
 
     def _end_run(self, job: Job) -> None:
         del self.runs[job.run]

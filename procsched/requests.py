@@ -10,7 +10,8 @@ no state of its own). It holds
   continuation gets the result's bytes);
 * the requests ``pool.cancel``, ``reprioritize``, ``resubmit``, ``purge``,
   ``dead_letters`` and ``jobs`` make through ``Supervisor._asks``, and the
-  service's ``show``, ``status`` and stored outcomes.
+  service's ``show``, ``status`` and stored outcomes;
+* ``snapshot``, the counters ``pool.stats()`` reads from any thread.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from .model import CANCELLED, CRASHED, FAILED, PENDING, QUEUED, RUNNING, SUCCEED
 
 if TYPE_CHECKING:
     from .heap import ReadyQueue
+    from .jobs import Stats
+    from .ledger import Timings
     from .recorder import Recorder
     from .backends import Backend
 
@@ -52,6 +55,8 @@ class Requests:
     new_id: Any
     runs: dict[int, Job]
     draining: bool
+    stats: Stats
+    timings: Timings
 
     if TYPE_CHECKING:
 
@@ -283,3 +288,18 @@ class Requests:
             "queued_hot": self.queue.hot, "queued_cold": self.queue.cold, "running": len(self.runs),
             "jobs": len(self.jobs), "draining": self.draining,
         }  # fmt: skip
+
+    # -- reading (any thread; values may be a turn old) -------------------------
+    def snapshot(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.stats.as_dict())
+        out["queued"] = len(self.queue)
+        out["queued_hot"], out["queued_cold"] = self.queue.hot, self.queue.cold
+        out["jobs"] = len(self.jobs)
+        by_state: dict[str, int] = {}
+        for job in list(self.jobs.values()):
+            by_state[job.state] = by_state.get(job.state, 0) + 1
+        out["by_state"] = by_state
+        out["dead_letters"] = len(self.dead.by_job)
+        out.update(self.timings.summary(time.monotonic()))
+        out.update(self.backend.stats())
+        return out

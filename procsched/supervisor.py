@@ -33,11 +33,12 @@ outcome, and the end of every turn commits them with one write. A pool
 opened on a journal starts with the jobs it had not finished
 (``_restore``).
 
-How a run's end decides the job's fate (``_event``, ``_failed``,
-``_finish``, the timers) is ``outcomes.py``; the dependency graph and the
-requests callers make of a running pool (cancel, reprioritize, dead
-letters, listing) are ``requests.py``: both are the same object, mixins of
-this class. Recurring schedules are in ``schedules.py``.
+Placing jobs on the backend (``_dispatch``, hot jobs and preemption) is
+``placement.py``; how a run's end decides the job's fate (``_event``,
+``_failed``, ``_finish``, the timers, shutdown) is ``outcomes.py``; the
+dependency graph, the requests callers make of a running pool (cancel,
+reprioritize, dead letters, listing) and ``snapshot`` are ``requests.py``:
+all three are the same object, mixins of this class. Recurring schedules are in ``schedules.py``.
 
 Under ``procsched serve`` the loop also serves the clients' sockets
 (``self.front``, see ``server.py``): their fds are in the same poll, their
@@ -61,15 +62,16 @@ from typing import Any
 from .errors import PoolError
 from .futures import JobFuture
 from .heap import ReadyQueue
-from .ipc import frames, oob
+from .ipc import oob
 from .ipc.doorbell import Doorbell
-from .jobs import Job, Later, Stats, resolve
+from .jobs import Job, Later, Stats
 from .journal import records as r
 from .log import get_logger
-from .model import CANCELLED, FAILED, PENDING, QUEUED, RUNNING, JournalConfig, PoolConfig
+from .model import PENDING, QUEUED, JournalConfig, PoolConfig
 from .ledger import DeadLetter, DeadLetters, Timings
 from .recorder import Recorder
-from .outcomes import _CRON, _DUE, _RETRY, Outcomes
+from .outcomes import _CRON, _DUE, _RETRY
+from .placement import Placement
 from .requests import WAITING
 from .schedules import Schedules
 from .backends import Backend, Local, Spec
@@ -82,7 +84,7 @@ log = get_logger("procsched.supervisor")
 _BACKSTOP_MS = 1000
 
 
-class Supervisor(Outcomes):
+class Supervisor(Placement):
     def __init__(self, config: PoolConfig, prefix: str, journal: JournalConfig | None = None, backend: Spec | None = None) -> None:
         self.config = config
         self.prefix = prefix
@@ -397,122 +399,6 @@ class Supervisor(Outcomes):
                 return
         self.queue.push(job.id, job.opts.priority, job.opts.hot, now)
 
-    def _shutdown(self, cancel_futures: bool, kill: bool) -> None:
-        self.closing = True
-        self.schedules.stopped = True
-        self.killing = self.killing or kill  # (before cancelling: terminate() cancels nothing in the journal)
-        if cancel_futures or kill:
-            for job in list(self.jobs.values()):
-                if job.id not in self.jobs:  # a cancel cascaded to it already
-                    continue
-                if not job.dispatched and job.future.cancel():
-                    job.future.notify_cancelled()
-                    self._finish(job, CANCELLED)
-        if kill:
-            self._abandon(PoolError("the pool was terminated while this job ran"))
-
-    def _abandon(self, error: BaseException) -> None:
-        """Fail every job now (terminate(), or the loop crashed).
-
-        The journal records nothing of it: terminate() (and Ctrl-C) stop this
-        process's work, they do not cancel it, so the jobs run again when the
-        journal is reopened, as they would after a crash.
-        """
-        for job in list(self.jobs.values()):
-            if job.id not in self.jobs:  # a cancel cascaded to it already
-                continue
-            if job.run:
-                self._end_run(job)  # a late outcome of this run must find nothing to settle
-            fut = job.future
-            if job.dispatched or fut.set_running_or_notify_cancel():  # (a cancelled one is notified)
-                if not fut.done():
-                    resolve(fut, None, error, job.followers)
-                self._finish(job, FAILED)
-            else:
-                self._finish(job, CANCELLED)
-
-    # -- dispatch -------------------------------------------------------------
-    def _dispatch_frame(self, job: Job) -> frames.Dispatch:
-        rid = next(self._run_ids)
-        job.run = rid
-        job.state = RUNNING
-        self.runs[rid] = job
-        self.timings.waits.append(self.now - job.queued_at)
-        flags = job.flags | (frames.F_CHECKPOINT_LIVE if job.opts.preempt == "kill" else 0)
-        return frames.Dispatch(rid, job.attempt, flags, job.fn, job.args, job.resume, job.oob, job.id)
-
-    def _claim(self, job: Job | None) -> bool:
-        """Whether a popped queue entry is a job to run now (cancelled ones are settled)."""
-        if job is None or job.state != QUEUED:
-            return False
-        if not job.dispatched:
-            if not job.future.set_running_or_notify_cancel() and not self._promote(job):
-                self._finish(job, CANCELLED)
-                return False
-            job.dispatched = True
-        return True
-
-    def _dispatch(self, now: float, booting: bool = False) -> None:
-        if self.draining:
-            return
-        q, backend, jobs = self.queue, self.backend, self.jobs
-        while q.hot and backend.idle_workers():
-            job = jobs.get(q.pop_hot())
-            if self._claim(job):
-                assert job is not None
-                backend.start_hot(self._dispatch_frame(job), job.opts.timeout is not None)
-                if self.rec is not None:
-                    self.rec.dispatched(job, backend.worker_of(job.run))
-        while (head := q.peek_hot()) is not None and _stale(jobs.get(head)):  # cancelled while waiting
-            self._claim(jobs.get(q.pop_hot()))  # settles it
-        if q.hot:
-            self._preempt(q.hot, now)
-            return  # cold work waits while a hot job does: a worker must come free
-        if self.yielding:
-            self._cancel_yields()
-        if not q.cold:
-            return
-        room = backend.headroom(booting)
-        if not room:
-            return
-        batch: list[frames.Dispatch] = []
-        track: list[int] = []
-        while room and q.cold:
-            job = jobs.get(q.pop_cold())
-            if not self._claim(job):
-                continue
-            assert job is not None
-            batch.append(self._dispatch_frame(job))
-            if job.opts.timeout is not None:
-                track.append(job.run)
-            room -= 1
-        if batch:
-            backend.start(batch, track, booting)
-            if self.rec is not None:  # after start: the record names the worker (a job given back is requeued)
-                for d in batch:
-                    self.rec.dispatched(self.runs[d.job_id], backend.worker_of(d.job_id))
-
-    def _preempt(self, waiting: int, now: float) -> None:
-        need = waiting - len(self.yielding)
-        if need <= 0:
-            return
-        victims = [
-            self.runs[rid]
-            for rid in self.backend.running()
-            if rid in self.runs and not self.runs[rid].opts.hot and rid not in self.yielding
-        ]
-        victims.sort(key=lambda j: self.queue.rank(j.opts.priority, j.queued_at), reverse=True)
-        for job in victims[:need]:
-            grace = self.config.preempt_grace if job.opts.preempt == "kill" else None
-            if self.backend.request_yield(job.run, grace, now):
-                self.yielding.add(job.run)
-                log.info("preempt", job=job.id, name=job.label, attempt=job.attempt, policy=job.opts.preempt)
-
-    def _cancel_yields(self) -> None:
-        for rid in self.yielding:
-            self.backend.cancel_yield(rid)
-        self.yielding.clear()
-
     def _schedule_job(self, spec: r.ScheduleSet) -> Job:
         """A firing of a schedule: an ordinary job with the schedule's call and options."""
         fut = JobFuture()
@@ -545,24 +431,4 @@ class Supervisor(Outcomes):
             else:  # a preempted job goes first, as it would have
                 self.queue.push(job.id, job.opts.priority, job.opts.hot, now, front=bool(job.resume))
 
-    # -- reading (any thread; values may be a turn old) -------------------------
-    def snapshot(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self.stats.as_dict())
-        out["queued"] = len(self.queue)
-        out["queued_hot"], out["queued_cold"] = self.queue.hot, self.queue.cold
-        out["jobs"] = len(self.jobs)
-        by_state: dict[str, int] = {}
-        for job in list(self.jobs.values()):
-            by_state[job.state] = by_state.get(job.state, 0) + 1
-        out["by_state"] = by_state
-        out["dead_letters"] = len(self.dead.by_job)
-        out.update(self.timings.summary(time.monotonic()))
-        out.update(self.backend.stats())
-        return out
-
-
-def _stale(job: Job | None) -> bool:
-    """A queue entry that will never run: gone, no longer queued, or cancelled by its caller
-    (and by every caller that submitted its key since)."""
-    return job is None or job.state != QUEUED or (job.future.cancelled() and not any(not f.cancelled() for f in job.followers or ()))
 
