@@ -351,3 +351,29 @@ def test_the_ray_window_follows_the_job_length(backend: backends.Spec, tmp_path:
         assert [f.result(timeout=WAIT) for f in held] == list(range(14))
         pool.submit(span, 0.05).result(timeout=WAIT)
         assert pool.stats()["window"] == 1
+
+
+@pytest.mark.timeout(90)
+def test_a_ray_pool_makes_its_flag_actor_afresh_after_a_ray_kill(backend: backends.Spec, tmp_path: Path) -> None:
+    """Ray restarts the flag actor when its process dies, but not after ``ray.kill``: the pool
+    finds it gone at its next yield request, makes it again under the same name, and the
+    running job (whose poller held the dead actor) still sees the request."""
+    if not isinstance(backend, backends.Ray):
+        pytest.skip("the local pool's yield flag is a shared-memory word")
+    import ray
+
+    from procsched.backends import rayconnect
+
+    progress, finish = str(tmp_path / "progress"), str(tmp_path / "finish")
+    with procsched.Pool(1, backend=backend) as pool:
+        cold = pool.submit(cold_counter, progress, finish)
+        wait_for(lambda: len(_lines(progress)) >= 5, WAIT, "the cold job to make progress")
+        name = rayconnect._actor["name"]
+        ray.kill(rayconnect._actor["handle"])
+        assert pool.options(hot=True).submit(now_ns).result(timeout=WAIT) > 0
+        wait_for(lambda: any(x.startswith("resumed") for x in _lines(progress)), WAIT, "the cold job to resume")
+        Path(finish).touch()
+        resumed_from, attempt, _ = cold.result(timeout=WAIT)
+        assert rayconnect._actor["name"] == name
+        assert pool.stats()["preempted"] == 1
+    assert resumed_from is not None and attempt == 1

@@ -37,7 +37,9 @@ contract (``backends.Backend``) maps onto Ray:
 * **cooperative preemption**: one small actor per driver process (made,
   and waited for, by its first Ray pool; ``raytask.py``) holds the yield
   flags and the streamed checkpoints of ``preempt="kill"`` runs, which the
-  backend takes before it kills such a run;
+  backend takes before it kills such a run. Ray restarts it if its process
+  dies; one that does not take a flag (ended by ``ray.kill``) is made again
+  under the same name and the flags raised again (``_replace_flags``);
 * **Ray itself** (``rayconnect.py``): a pool that finds no Ray starts one
   (or joins ``address``) and the last pool using it stops it; if Ray is shut down
   under a pool, its runs are lost (and retried per policy) and it reports
@@ -124,6 +126,7 @@ class RayBackend:
         self.taking_back: set[int] = set()  # window runs called back for a hot job
         self.yield_at: dict[int, float] = {}  # run -> when a preempt="kill" run is killed (0: never)
         self.in_actor: set[int] = set()  # runs whose flag or checkpoints the actor may hold
+        self.flags_lost = False  # set by Ray's thread: the flag actor did not answer
         self.cluster_cpus = 0
         self.capacity_at = 0.0
         #: running estimate of a job's length (s), from the runs seen to end; None: none yet
@@ -282,11 +285,37 @@ class RayBackend:
         self._take_back_window()
         if job_id not in self.inflight or job_id in self.killing:
             return False
-        self.flags.ask.remote((self.token, job_id), True)
+        self._ask(job_id, True)
         self.in_actor.add(job_id)
         self.yield_at[job_id] = now + kill_after if kill_after is not None else 0.0
         log.info("preempt_requested", run=job_id, kill_after=kill_after)
         return True
+
+    def _ask(self, run: int, on: bool) -> None:
+        """Raise or lower a run's yield flag in the flag actor (its reply only tells whether it is there)."""
+        self.flags.ask.remote((self.token, run), on).future().add_done_callback(self._asked)
+
+    def _asked(self, fut: Any) -> None:
+        """On Ray's thread: a flag the actor did not take means the actor is gone (Ray restarts it
+        when its process dies, but not after a ``ray.kill``); the loop makes it afresh."""
+        if fut.exception() is not None:
+            with self._lock:
+                if not self.closed:
+                    self.flags_lost = True
+                    self.bell.ring()
+
+    def _replace_flags(self) -> None:
+        """Make the flag actor afresh under the same name (a running task looks it up by name
+        again once its handle fails) and raise the flags of the runs asked to yield."""
+        self.flags_lost = False
+        try:
+            self.flags_name, self.flags = flag_actor()
+        except Exception as e:  # noqa: BLE001 - Ray itself is in trouble: the next ask tries again
+            log.error("ray_flag_actor_unavailable", error=repr(e))
+            return
+        log.warning("ray_flag_actor_replaced", name=self.flags_name, asked=len(self.yield_at))
+        for run in self.yield_at:
+            self._ask(run, True)
 
     def _take_back_window(self) -> None:
         """A hot job waits: the runs queued in Ray beyond its CPUs would take the CPU a yield frees."""
@@ -300,7 +329,7 @@ class RayBackend:
 
     def cancel_yield(self, job_id: int) -> None:
         if self.yield_at.pop(job_id, None) is not None:
-            self.flags.ask.remote((self.token, job_id), False)
+            self._ask(job_id, False)
 
     # -- the loop ------------------------------------------------------------------------------
     def collect(self, now: float, ready: list[tuple[int, int]]) -> list[Event]:
@@ -345,6 +374,8 @@ class RayBackend:
         return Result(run, status, run_us, payload, [memoryview(b) for b in bufs])
 
     def tick(self, now: float) -> None:
+        if self.flags_lost:
+            self._replace_flags()
         if now >= self.capacity_at:
             self._refresh(now)
             self._unpark()
@@ -370,7 +401,7 @@ class RayBackend:
         return min(self.capacity_at, *at) if at else self.capacity_at
 
     def prepare_sleep(self) -> bool:
-        return not self.done and not self.events
+        return not self.done and not self.events and not self.flags_lost
 
     def woke(self) -> None:
         pass

@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -94,15 +95,23 @@ def flag_actor() -> tuple[str, Any]:
             ray.get(_actor["handle"].__ray_ready__.remote(), timeout=120)
         except rex.GetTimeoutError:
             raise
-        except Exception:  # noqa: BLE001 - gone after all (killed, or a cluster of the same address)
-            _new_flag_actor(connection)
+        except Exception:  # noqa: BLE001 - gone after all (ray.kill, or a cluster of the same address)
+            _new_flag_actor(connection, _actor["name"])  # the same name: running tasks look it up again
             ray.get(_actor["handle"].__ray_ready__.remote(), timeout=120)
         return _actor["name"], _actor["handle"]
 
 
-def _new_flag_actor(connection: tuple[str, str]) -> None:
-    name = f"procsched-flags-{os.getpid()}-{os.urandom(4).hex()}"
-    handle = ray.remote(Flags).options(name=name, num_cpus=0, max_concurrency=64, max_restarts=-1).remote()
+def _new_flag_actor(connection: tuple[str, str], name: str = "") -> None:
+    name = name or f"procsched-flags-{os.getpid()}-{os.urandom(4).hex()}"
+    actor = ray.remote(Flags).options(name=name, num_cpus=0, max_concurrency=64, max_restarts=-1)
+    for attempt in range(50):
+        try:
+            handle = actor.remote()
+            break
+        except ValueError:  # the name is still the dead actor's for a moment
+            if attempt == 49:
+                raise
+            time.sleep(0.1)
     _actor.update(connection=connection, name=name, handle=handle)
 
 
