@@ -934,3 +934,25 @@ def test_in_job_helpers_outside_a_job() -> None:
     procsched.checkpoint({"anything": 1})  # outside a job: does nothing, raises nothing
     with pytest.raises(RuntimeError, match="outside"):
         procsched.current_job()
+
+
+# -- backend specs -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"window": -1}, "window"), ({"window": True}, "window"), ({"window": 1.5}, "window"), ({"address": ""}, "address"), ({"init": [1]}, "init")],
+)
+def test_ray_spec_rejects_bad_values_naming_them(kwargs: dict[str, Any], name: str) -> None:
+    from procsched import backends
+
+    with pytest.raises((ValueError, TypeError), match=name):
+        backends.Ray(**kwargs)
+
+
+def test_ray_spec_window_defaults_to_adaptive_and_takes_a_count() -> None:
+    from procsched import backends
+
+    assert backends.Ray().window is None
+    assert backends.Ray(window=0).window == 0
+    assert backends.choose("ray").window is None
