@@ -15,6 +15,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import msgspec
+import structlog
 
 
 _json = False
@@ -52,47 +53,10 @@ def configure(level: str = "info", json: bool = False) -> None:
     root.propagate = False
 
 
-def get_logger(name: str) -> Logger:
-    """The logger of a procsched module: structlog over ``logging.getLogger(name)``."""
-    return Logger(name)
-
-
-class Logger:
-    """Checks the level with ``logging`` first, and makes its structlog logger on the first event
-    that passes: importing structlog costs ~80 ms (asyncio among its imports), which a pool
-    whose events are all below the level never pays."""
-
-    __slots__ = ("_std", "_bound")
-
-    def __init__(self, name: str) -> None:
-        self._std = logging.getLogger(name)
-        self._bound: Any = None
-
-    def _log(self, level: int, method: str, event: str, fields: dict[str, Any]) -> None:
-        if not self._std.isEnabledFor(level):
-            return
-        if self._bound is None:
-            import structlog
-
-            self._bound = structlog.wrap_logger(
-                self._std,
-                processors=[structlog.stdlib.filter_by_level, _render],
-                wrapper_class=structlog.stdlib.BoundLogger,
-            )
-        getattr(self._bound, method)(event, **fields)
-
-    def debug(self, event: str, **fields: Any) -> None:
-        self._log(logging.DEBUG, "debug", event, fields)
-
-    def info(self, event: str, **fields: Any) -> None:
-        self._log(logging.INFO, "info", event, fields)
-
-    def warning(self, event: str, **fields: Any) -> None:
-        self._log(logging.WARNING, "warning", event, fields)
-
-    def error(self, event: str, **fields: Any) -> None:
-        self._log(logging.ERROR, "error", event, fields)
-
-    def exception(self, event: str, **fields: Any) -> None:
-        """``error`` with the exception being handled (call it in an ``except`` block)."""
-        self._log(logging.ERROR, "exception", event, fields)
+def get_logger(name: str) -> Any:
+    """A structlog logger that writes through ``logging.getLogger(name)``."""
+    return structlog.wrap_logger(
+        logging.getLogger(name),
+        processors=[structlog.stdlib.filter_by_level, _render],
+        wrapper_class=structlog.stdlib.BoundLogger,
+    )

@@ -52,7 +52,6 @@ from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Protocol, runtime_checkable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-
 MISFIRE_POLICIES = ("skip", "run_once", "catch_up")
 DEFAULT_GRACE = 1.0
 

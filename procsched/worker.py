@@ -1,7 +1,6 @@
 """The worker process: take a job from the inbound ring, run it, report.
 
-Started by ``backends/local.py`` as ``python -S -c "...; from procsched.worker import main; main()" CONFIG ROOT``
-(``-S``: it runs ``site`` itself, see ``_site``)
+Started by ``backends/local.py`` as ``python -c "...; from procsched.worker import main; main()" CONFIG ROOT``
 with its channel, doorbells and death pipe as inherited fds. It is dumb on
 purpose: no journal, no heap, no options, no logging. It knows only the
 frames of ``ipc/frames.py`` and three words of its control block:
@@ -264,31 +263,10 @@ def _us(t0: float) -> int:
     return min(int((time.perf_counter() - t0) * 1e6), 0xFFFFFFFF)
 
 
-def _site() -> None:
-    """Do what ``site`` does at startup (the worker is started with ``-S``), except for the hook
-    an editable install of procsched puts in a ``.pth`` file: it imports pathlib, re and more
-    (about 25 ms) to find a package this process has already found (the boot command put its
-    directory first). Every other ``.pth`` file, the venv's prefix, the user site, the
-    ``exit``/``help`` builtins and ``sitecustomize`` are as in the supervisor."""
-    import site
-
-    addpackage = site.addpackage
-
-    def all_but_ours(sitedir: Any, name: Any, known_paths: Any) -> Any:
-        return known_paths if str(name).startswith("__editable__.procsched-") else addpackage(sitedir, name, known_paths)
-
-    site.addpackage = all_but_ours
-    try:
-        site.main()
-    finally:
-        site.addpackage = addpackage
-
-
 def main() -> None:
     cfg = pickle.loads(bytes.fromhex(sys.argv[1]))  # not json: it would load re (~5 ms)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
     if os.getppid() != cfg["parent"]:  # the supervisor died while we started
         os._exit(1)
-    _site()
     sys.path[:] = cfg["path"]
     Worker(cfg).serve()

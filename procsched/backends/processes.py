@@ -40,8 +40,6 @@ log = get_logger("procsched.workers")
 BOOTING, READY, RETIRING, DEAD = "booting", "ready", "retiring", "dead"
 # argv[1] is the boot config, argv[2] the directory procsched is imported from
 # here, so the worker finds the same package whatever its default path holds.
-# -S: the worker runs ``site`` itself (``worker._site``), without the import
-# hook an editable install of procsched adds, which costs a boot ~25 ms.
 _BOOT_CMD = "import sys; sys.path.insert(0, sys.argv[2]); from procsched.worker import main; main()"
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -124,7 +122,7 @@ class Processes:
         fds = (ch.fd, *bell.fds(), self.sup_bell.write_fd, death_r)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-S", "-c", _BOOT_CMD, pickle.dumps(boot).hex(), _ROOT],
+                [sys.executable, "-c", _BOOT_CMD, pickle.dumps(boot).hex(), _ROOT],
                 pass_fds=fds,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: a kill reaches what the job started
