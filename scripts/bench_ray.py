@@ -28,6 +28,7 @@ throughput >= 0.9x for the job length stated, reporting no slower).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -42,6 +43,7 @@ import benchjobs  # noqa: E402
 
 import procsched  # noqa: E402
 from procsched import backends  # noqa: E402
+from procsched.backends.ray import _PER_CPU  # noqa: E402
 
 
 def batch_raw(ray: Any, burn: Any, n: int, seconds: float) -> float:
@@ -187,8 +189,9 @@ def main() -> None:
     def add(name: str, raw: float, ours: float, windowed: float = float("nan")) -> None:
         rows.setdefault(name, []).append((raw, ours, windowed))
 
-    # procsched's tasks in flight on num_cpus=2 (adaptive: what it reaches for tiny jobs)
-    limit = 2 + (args.window if args.window is not None else 2 * 4)
+    # procsched's tasks in flight (adaptive: what its window reaches for tiny jobs)
+    cpus = int(ray.cluster_resources()["CPU"])
+    limit = cpus + (args.window if args.window is not None else cpus * _PER_CPU)
 
     try:
         for _ in range(2):  # warm both: Ray starts its workers, imports the job module
@@ -212,7 +215,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for name, trios in rows.items():
         raw, ours, windowed = (statistics.median(t[i] for t in trios) for i in range(3))
-        held = "" if windowed != windowed else f" {windowed:,.1f} | {windowed / raw:.2f}x |"
+        held = "" if math.isnan(windowed) else f" {windowed:,.1f} | {windowed / raw:.2f}x |"
         print(f"| {name} | {raw:,.1f} | {ours:,.1f} | {ours / raw:.2f}x |{held or ' | |'}")
 
 

@@ -342,15 +342,23 @@ def test_the_ray_window_follows_the_job_length(backend: backends.Spec, tmp_path:
     gate = str(tmp_path / "gate")
     with procsched.Pool(backend=backend) as pool:
         assert pool.stats()["window"] == 1, "no job measured yet: one run beyond the CPUs"
-        assert [f.result(timeout=WAIT) for f in [pool.submit(square, i) for i in range(20)]] == [i * i for i in range(20)]
-        assert pool.stats()["window"] == 8
+
+        def widened() -> bool:  # (a fresh Ray worker's first run also loads the job's code: slow)
+            assert [f.result(timeout=WAIT) for f in [pool.submit(square, i) for i in range(10)]] == [i * i for i in range(10)]
+            return bool(pool.stats()["window"] == 8)
+
+        wait_for(widened, WAIT, "tiny jobs to widen the window to 4 per CPU")
         held = [pool.submit(gated, gate, i) for i in range(14)]
         wait_for(lambda: pool.stats()["in_flight"] == 10, WAIT, "2 runs on the CPUs and 8 queued in Ray")
-        assert pool.stats()["queued"] == 4, "the rest wait in procsched's heap"
+        wait_for(lambda: pool.stats()["queued"] == 4, WAIT, "the other 4 to wait in procsched's heap")
         Path(gate).touch()
         assert [f.result(timeout=WAIT) for f in held] == list(range(14))
         pool.submit(span, 0.05).result(timeout=WAIT)
         assert pool.stats()["window"] == 1
+    with procsched.Pool(backend=backend, max_prefetch=0) as pool:
+        for _ in range(40):
+            pool.submit(square, 1).result(timeout=WAIT)
+        assert pool.stats()["window"] == 1, "max_prefetch=0: no more than one run waits in Ray"
 
 
 @pytest.mark.timeout(90)
@@ -375,5 +383,41 @@ def test_a_ray_pool_makes_its_flag_actor_afresh_after_a_ray_kill(backend: backen
         Path(finish).touch()
         resumed_from, attempt, _ = cold.result(timeout=WAIT)
         assert rayconnect._actor["name"] == name
+        assert pool.stats()["preempted"] == 1
+    assert resumed_from is not None and attempt == 1
+
+
+def look_late(started: str, gate: str, progress: str, finish: str) -> tuple[Any, int, int]:
+    """Like ``cold_counter``, but it first looks at its yield flag once ``gate`` opens."""
+    if procsched.current_job().resume_from is None:
+        Path(started).touch()
+        await_file(gate, WAIT)
+    return cold_counter(progress, finish)
+
+
+@pytest.mark.timeout(90)
+def test_a_yield_asked_before_the_flag_actor_was_killed_is_asked_again(backend: backends.Spec, tmp_path: Path) -> None:
+    """The flag was raised in the actor, then the actor ended: no ask of the pool's failed, yet
+    the job, which looks only now, must still see it (the pool raises its flags again each
+    second, finds the actor gone, and makes it again)."""
+    if not isinstance(backend, backends.Ray):
+        pytest.skip("the local pool's yield flag is a shared-memory word")
+    import ray
+
+    from procsched.backends import rayconnect
+
+    started, gate = str(tmp_path / "started"), str(tmp_path / "gate")
+    progress, finish = str(tmp_path / "progress"), str(tmp_path / "finish")
+    with procsched.Pool(1, backend=backend) as pool:
+        cold = pool.submit(look_late, started, gate, progress, finish)
+        await_file(started, WAIT)
+        hot = pool.options(hot=True).submit(now_ns)
+        actor = rayconnect._actor["handle"]
+        wait_for(lambda: ray.get(actor.__ray_call__.remote(lambda flags: bool(flags.asked))), WAIT, "the flag to be raised")
+        ray.kill(actor)
+        Path(gate).touch()
+        assert hot.result(timeout=WAIT) > 0
+        Path(finish).touch()
+        resumed_from, attempt, _ = cold.result(timeout=WAIT)
         assert pool.stats()["preempted"] == 1
     assert resumed_from is not None and attempt == 1

@@ -12,8 +12,8 @@ contract (``backends.Backend``) maps onto Ray:
   more that wait in Ray's queue, so that procsched's priority order is what
   runs, not Ray's queue. The window adapts as the local pool's prefetch
   does: enough runs to cover the pool's ``prefetch_s`` at the measured job
-  length, at most ``_PER_CPU`` per CPU, at least one (``Ray(window=n)``
-  fixes it). Tiny jobs need it: each Ray task costs milliseconds of round
+  length, at most ``_PER_CPU`` per CPU (and ``max_prefetch``), at least one
+  (``Ray(window=n)`` fixes it). Tiny jobs need it: each Ray task costs milliseconds of round
   trip, and with one run in the window a 2-CPU Ray runs no-op jobs at 0.7x
   of its own speed with everything submitted at once; with 4 per CPU, at
   about 1x (docs/ray-backend.md). The count of CPUs is read once a second (a GCS
@@ -37,9 +37,10 @@ contract (``backends.Backend``) maps onto Ray:
 * **cooperative preemption**: one small actor per driver process (made,
   and waited for, by its first Ray pool; ``raytask.py``) holds the yield
   flags and the streamed checkpoints of ``preempt="kill"`` runs, which the
-  backend takes before it kills such a run. Ray restarts it if its process
-  dies; one that does not take a flag (ended by ``ray.kill``) is made again
-  under the same name and the flags raised again (``_replace_flags``);
+  backend takes before it kills such a run. The flags of runs asked to
+  yield are raised again once a second: an actor Ray restarted after its
+  process died has lost them, and one ended by ``ray.kill`` is found so and
+  made again under the same name (``_replace_flags``);
 * **Ray itself** (``rayconnect.py``): a pool that finds no Ray starts one
   (or joins ``address``) and the last pool using it stops it; if Ray is shut down
   under a pool, its runs are lost (and retried per policy) and it reports
@@ -73,7 +74,7 @@ from ..errors import WorkerLost
 from ..ipc import frames, oob
 from ..log import get_logger
 from . import Event, Lost, Result, Returned, Started
-from .rayconnect import flag_actor, join, leave
+from .rayconnect import flag_actor, join, leave, replace_flag_actor
 from .raytask import execute
 
 if TYPE_CHECKING:
@@ -126,7 +127,8 @@ class RayBackend:
         self.taking_back: set[int] = set()  # window runs called back for a hot job
         self.yield_at: dict[int, float] = {}  # run -> when a preempt="kill" run is killed (0: never)
         self.in_actor: set[int] = set()  # runs whose flag or checkpoints the actor may hold
-        self.flags_lost = False  # set by Ray's thread: the flag actor did not answer
+        self.flags_lost = False  # set by Ray's thread: the flag actor has died for good
+        self.flags_retry_at = 0.0
         self.cluster_cpus = 0
         self.capacity_at = 0.0
         #: running estimate of a job's length (s), from the runs seen to end; None: none yet
@@ -178,7 +180,7 @@ class RayBackend:
         """A run ended after ``run_us``: follow the job length, and the window with it."""
         s = run_us / 1e6
         self.ewma_s = s if self.ewma_s is None else self.ewma_s + 0.2 * (s - self.ewma_s)
-        self.per_cpu = min(_PER_CPU, int(self.config.prefetch_s / max(self.ewma_s, 1e-5)))
+        self.per_cpu = min(_PER_CPU, self.config.max_prefetch, int(self.config.prefetch_s / max(self.ewma_s, 1e-5)))
 
     @property
     def degraded(self) -> bool:
@@ -293,26 +295,30 @@ class RayBackend:
 
     def _ask(self, run: int, on: bool) -> None:
         """Raise or lower a run's yield flag in the flag actor (its reply only tells whether it is there)."""
-        self.flags.ask.remote((self.token, run), on).future().add_done_callback(self._asked)
+        actor = self.flags
+        actor.ask.remote((self.token, run), on).future().add_done_callback(lambda fut: self._asked(actor, fut))
 
-    def _asked(self, fut: Any) -> None:
-        """On Ray's thread: a flag the actor did not take means the actor is gone (Ray restarts it
-        when its process dies, but not after a ``ray.kill``); the loop makes it afresh."""
-        if fut.exception() is not None:
+    def _asked(self, actor: Any, fut: Any) -> None:
+        """On Ray's thread: a flag the actor did not take because it has died means it is gone for
+        good (Ray restarts it when its process dies, but not after a ``ray.kill``). A late answer
+        from an actor already replaced means nothing."""
+        if isinstance(fut.exception(), rex.ActorDiedError):
             with self._lock:
-                if not self.closed:
+                if not self.closed and actor is self.flags:
                     self.flags_lost = True
                     self.bell.ring()
 
-    def _replace_flags(self) -> None:
-        """Make the flag actor afresh under the same name (a running task looks it up by name
-        again once its handle fails) and raise the flags of the runs asked to yield."""
-        self.flags_lost = False
+    def _replace_flags(self, now: float) -> None:
+        """Make the flag actor again under the same name (a running task looks it up by name once
+        its handle fails) and raise the flags of the runs asked to yield. It does not wait for the
+        actor; if Ray still holds the name, it tries again a second later."""
         try:
-            self.flags_name, self.flags = flag_actor()
-        except Exception as e:  # noqa: BLE001 - Ray itself is in trouble: the next ask tries again
-            log.error("ray_flag_actor_unavailable", error=repr(e))
+            self.flags_name, self.flags = replace_flag_actor(self.flags)
+        except Exception as e:  # noqa: BLE001 - the dead actor's name is not free yet, or Ray is in trouble
+            self.flags_retry_at = now + _CAPACITY_EVERY
+            log.warning("ray_flag_actor_unavailable", error=repr(e))
             return
+        self.flags_lost = False
         log.warning("ray_flag_actor_replaced", name=self.flags_name, asked=len(self.yield_at))
         for run in self.yield_at:
             self._ask(run, True)
@@ -374,11 +380,13 @@ class RayBackend:
         return Result(run, status, run_us, payload, [memoryview(b) for b in bufs])
 
     def tick(self, now: float) -> None:
-        if self.flags_lost:
-            self._replace_flags()
+        if self.flags_lost and now >= self.flags_retry_at and ray.is_initialized():
+            self._replace_flags(now)
         if now >= self.capacity_at:
             self._refresh(now)
             self._unpark()
+            for run in self.yield_at:  # again, once a second: an actor Ray restarted has lost them,
+                self._ask(run, True)  # and one that is gone for good is found so
         for run, at in list(self.yield_at.items()):
             if at and now >= at:
                 del self.yield_at[run]
@@ -392,6 +400,8 @@ class RayBackend:
         except Exception as e:  # noqa: BLE001 - no checkpoint: it resumes from its last known one
             log.warning("ray_checkpoint_unavailable", run=run, error=repr(e))
             state = b""
+            if isinstance(e, rex.ActorDiedError):
+                self.flags_lost = True
         if state:
             self.events.append(Result(run, frames.CHECKPOINT, 0, state, []))
         self.kill(run, "preempt", now)
@@ -401,7 +411,7 @@ class RayBackend:
         return min(self.capacity_at, *at) if at else self.capacity_at
 
     def prepare_sleep(self) -> bool:
-        return not self.done and not self.events and not self.flags_lost
+        return not self.done and not self.events
 
     def woke(self) -> None:
         pass

@@ -90,26 +90,40 @@ def flag_actor() -> tuple[str, Any]:
         context = ray.get_runtime_context()
         connection = (context.gcs_address, context.get_job_id())  # (job ids restart at 1 per cluster)
         if _actor.get("connection") != connection:  # the old handle belongs to a gone connection
-            _new_flag_actor(connection)
+            _new_flag_actor(connection, "")
         try:
             ray.get(_actor["handle"].__ray_ready__.remote(), timeout=120)
-        except rex.GetTimeoutError:
+        except (rex.GetTimeoutError, rex.ActorUnavailableError):
             raise
         except Exception:  # noqa: BLE001 - gone after all (ray.kill, or a cluster of the same address)
-            _new_flag_actor(connection, _actor["name"])  # the same name: running tasks look it up again
+            _new_flag_actor(connection, _actor["name"], patience=5.0)  # the same name: running tasks look it up again
             ray.get(_actor["handle"].__ray_ready__.remote(), timeout=120)
         return _actor["name"], _actor["handle"]
 
 
-def _new_flag_actor(connection: tuple[str, str], name: str = "") -> None:
+def replace_flag_actor(dead: Any) -> tuple[str, Any]:
+    """The flag actor after ``dead`` was found ended (``ray.kill``): made again under the same
+    name, unless another pool of this process has done so already. It does not wait for the
+    new actor to be up (calls to it queue until it is); ``ValueError`` while Ray still holds
+    the dead actor's name."""
+    with _joined:
+        if _actor.get("handle") is dead:
+            _new_flag_actor(_actor["connection"], _actor["name"])
+        return _actor["name"], _actor["handle"]
+
+
+def _new_flag_actor(connection: tuple[str, str], name: str, patience: float = 0.0) -> None:
+    """Make the flag actor (a fresh name if ``name`` is empty); a name Ray still holds for a dead
+    actor is tried again for ``patience`` seconds, then ``ValueError``."""
     name = name or f"procsched-flags-{os.getpid()}-{os.urandom(4).hex()}"
     actor = ray.remote(Flags).options(name=name, num_cpus=0, max_concurrency=64, max_restarts=-1)
-    for attempt in range(50):
+    give_up = time.monotonic() + patience
+    while True:
         try:
             handle = actor.remote()
             break
-        except ValueError:  # the name is still the dead actor's for a moment
-            if attempt == 49:
+        except ValueError:  # "the name is already taken": the dead one's, for a moment
+            if time.monotonic() >= give_up:
                 raise
             time.sleep(0.1)
     _actor.update(connection=connection, name=name, handle=handle)
