@@ -7,8 +7,6 @@ this package, boots without loading the supervisor's dependencies.
 
 from __future__ import annotations
 
-import importlib
-
 TYPE_CHECKING = False  # importing typing would slow every worker's boot
 if TYPE_CHECKING:
     from typing import Any
@@ -84,6 +82,8 @@ if TYPE_CHECKING:  # "X as X": explicit re-exports, so strict type checkers see 
 
 
 def __getattr__(name: str) -> Any:
+    import importlib  # here: a worker, which never asks, does not load it
+
     if name in _SUBPACKAGES:
         return importlib.import_module(f"{__name__}.{name}")
     module = _EXPORTS.get(name)

@@ -25,12 +25,12 @@ are returned separately so the caller can place them out of band.
 
 from __future__ import annotations
 
-import pickle
 import types
 import weakref
 from collections.abc import Callable, Sequence
 
 from . import context
+from . import fastpickle as pickle  # (pickle.py itself costs a worker's boot ~10 ms)
 from .errors import Preempted, RemoteError, SerializationError, rebuild
 from .ipc import frames
 

@@ -11,11 +11,11 @@ Stdlib only: workers import this module.
 
 from __future__ import annotations
 
-import pickle
-import signal
+from .fastpickle import PicklingError
 
 TYPE_CHECKING = False  # typing costs a worker ~8 ms at boot; annotations are strings anyway
 if TYPE_CHECKING:
+    import signal
     from typing import Any
 
 
@@ -27,7 +27,7 @@ class PoolError(ProcschedError):
     """The pool cannot do what was asked (shut down, misconfigured, ...)."""
 
 
-class SerializationError(ProcschedError, pickle.PicklingError):
+class SerializationError(ProcschedError, PicklingError):
     """A call, result or exception could not be pickled or unpickled."""
 
 
@@ -64,18 +64,26 @@ def describe_exit(exitcode: int | None) -> str:
     if exitcode is None:
         return "unknown exit status"
     if exitcode < 0:
-        try:
-            return f"signal {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"signal {-exitcode}"
+        sig = _signal_of(exitcode)
+        return f"signal {sig.name if sig is not None else -exitcode}"
     return f"exit code {exitcode}"
 
 
+def _signal_of(exitcode: int) -> signal.Signals | None:
+    # (signal is imported here, in the supervisor's process: its enum costs a worker's boot ~5 ms)
+    import signal
+
+    try:
+        return signal.Signals(-exitcode)
+    except ValueError:
+        return None
+
+
 _LIKELY = {
-    signal.SIGSEGV: "a segmentation fault in native code",
-    signal.SIGKILL: "killed from outside, possibly by the OOM killer",
-    signal.SIGBUS: "a bus error (bad memory access, or /dev/shm full)",
-    signal.SIGABRT: "an abort() in native code",
+    "SIGSEGV": "a segmentation fault in native code",
+    "SIGKILL": "killed from outside, possibly by the OOM killer",
+    "SIGBUS": "a bus error (bad memory access, or /dev/shm full)",
+    "SIGABRT": "an abort() in native code",
 }
 
 
@@ -87,12 +95,7 @@ class WorkerCrashed(JobFailed):
         self.exitcode = exitcode
         self.pid = pid
         self.job = job
-        self.signal: signal.Signals | None = None
-        if exitcode is not None and exitcode < 0:
-            try:
-                self.signal = signal.Signals(-exitcode)
-            except ValueError:
-                pass
+        self.signal: signal.Signals | None = _signal_of(exitcode) if exitcode is not None and exitcode < 0 else None
 
     def for_job(self, job: str) -> WorkerCrashed:
         """Name the job it cost (also in ``args``, so a pickled copy keeps it)."""
@@ -106,7 +109,7 @@ class WorkerCrashed(JobFailed):
 
     def __str__(self) -> str:
         what = f"job {self.job}" if self.job else "the job"
-        hint = _LIKELY.get(self.signal) if self.signal is not None else None
+        hint = _LIKELY.get(self.signal.name) if self.signal is not None else None
         tail = f"; likely {hint}" if hint else ""
         return f"worker {self.pid} running {what} died with {describe_exit(self.exitcode)}{tail}"
 
@@ -129,7 +132,7 @@ class MemoryLimitExceeded(WorkerCrashed):
     """The worker passed its hard memory cap while running the job and was killed."""
 
     def __init__(self, rss: int, limit: int, pid: int = 0, job: str = "") -> None:
-        super().__init__(-int(signal.SIGKILL), pid, job)
+        super().__init__(-9, pid, job)  # SIGKILL (9 on every platform)
         self.args = (rss, limit, pid, job)
         self.rss = rss
         self.limit = limit

@@ -23,14 +23,13 @@ stdlib-only parts of procsched. It dies with its supervisor: on Linux by
 from __future__ import annotations
 
 import os
-import pickle
 import select
-import signal
 import sys
 import time
 from collections import deque
 
 from . import codec, context
+from . import fastpickle as pickle  # (pickle.py itself costs a worker's boot ~10 ms)
 from .errors import Preempted, SerializationError
 from .ipc import frames, oob
 from .ipc.doorbell import Doorbell
@@ -38,9 +37,12 @@ from .ipc.ring import W_RECALL, W_STARTED, W_STOP, W_YIELD, Channel
 
 TYPE_CHECKING = False  # typing costs a worker ~8 ms at boot; annotations are strings anyway
 if TYPE_CHECKING:
+    import signal as _signal
     from typing import Any
 
     from .joblog import JobLog
+else:
+    import _signal  # the C module under signal.py, whose enums would cost a boot ~5 ms
 
 _BACKSTOP_MS = 1000  # see ring.py: a lost wakeup costs at most this
 _FN_CACHE_MAX = 1024
@@ -58,7 +60,7 @@ def _die_with_parent(parent: int) -> None:
         try:
             import ctypes
 
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+            ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
         except (OSError, AttributeError):
             pass
     if os.getppid() != parent:  # the parent died before we could ask
@@ -265,7 +267,7 @@ def _us(t0: float) -> int:
 
 def main() -> None:
     cfg = pickle.loads(bytes.fromhex(sys.argv[1]))  # not json: it would load re (~5 ms)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # Ctrl-C is the caller's to handle
     if os.getppid() != cfg["parent"]:  # the supervisor died while we started
         os._exit(1)
     sys.path[:] = cfg["path"]
