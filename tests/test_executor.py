@@ -976,31 +976,45 @@ def test_worker_import_loads_only_the_stdlib() -> None:
 
 
 def interpreter() -> dict[str, Any]:
+    """What site and the interpreter's flags set up at startup (self-contained: it also runs in a
+    fresh interpreter, from its source)."""
     import builtins
+    import sys
+
+    def finder(f: Any) -> str:
+        cls = f if isinstance(f, type) else type(f)  # (some finders are classes)
+        return f"{cls.__module__}.{cls.__qualname__}"
 
     return {
         "flags": [sys.flags.no_site, sys.flags.isolated, sys.flags.no_user_site],  # (what a job's own children inherit)
         "prefix": (sys.prefix, sys.exec_prefix),
-        "path": list(sys.path),
         "builtins": [name for name in ("exit", "quit", "help", "copyright") if hasattr(builtins, name)],
         # the import hooks the .pth files installed (an editable install of procsched's aside)
-        "finders": [name for name in map(_finder, sys.meta_path) if not name.startswith(("__editable___procsched", "_pytest."))],
+        "finders": [name for name in map(finder, sys.meta_path) if not name.startswith("__editable___procsched")],
     }
-
-
-def _finder(f: Any) -> str:
-    cls = f if isinstance(f, type) else type(f)  # (some finders are classes)
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 @pytest.mark.timeout(30)
 def test_a_worker_runs_site_as_the_supervisor_did() -> None:
-    """A worker's interpreter is set up as the supervisor's: the venv, the paths, site's builtins,
+    """A worker's interpreter is set up as a fresh supervisor's would be: the venv, site's builtins,
     the .pth files' import hooks, and the flags its own child processes are started with (a
-    worker started with -S would pass -S on to a job's multiprocessing children)."""
+    worker started with -S would pass -S on to a job's multiprocessing children). The
+    comparison is with a fresh interpreter: this one holds whatever the suite has imported."""
+    import inspect
+    import textwrap
+
+    code = f"from typing import Any\n{textwrap.dedent(inspect.getsource(interpreter))}\nprint(repr(interpreter()))"
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert fresh.returncode == 0, fresh.stderr
     with procsched.Pool(1) as pool:
         theirs = pool.submit(interpreter).result(timeout=WAIT)
-    assert theirs == interpreter()
+        their_path = pool.submit(_path).result(timeout=WAIT)
+    assert theirs == eval(fresh.stdout)
+    assert their_path == sys.path, "a worker imports from the supervisor's paths"
+
+
+def _path() -> list[str]:
+    return list(sys.path)
 
 
 def fail_at(x: int, bad: int) -> int:
