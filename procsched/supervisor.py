@@ -38,7 +38,8 @@ Placing jobs on the backend (``_dispatch``, hot jobs and preemption) is
 ``_failed``, ``_finish``, the timers, shutdown) is ``outcomes.py``; the
 dependency graph, the requests callers make of a running pool (cancel,
 reprioritize, dead letters, listing) and ``snapshot`` are ``requests.py``:
-all three are the same object, mixins of this class. Recurring schedules are in ``schedules.py``.
+all three are the same object, mixins of this class. Recurring schedules
+are in ``schedules.py``.
 
 Under ``procsched serve`` the loop also serves the clients' sockets
 (``self.front``, see ``server.py``): their fds are in the same poll, their

@@ -63,6 +63,27 @@ class Result(NamedTuple):
 Event = Started | Lost | Returned | Result
 
 
+class JobLength:
+    """A running estimate of how long a job takes (from the runs seen to end), and how many jobs
+    that makes worth queueing ahead of a worker, or of a Ray CPU: enough to cover the pool's
+    ``prefetch_s``, within ``max_prefetch`` and the caller's own ceiling. Until a run has
+    ended, none: an unknown job may be long, and one queued behind it would wait."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds: float | None = None
+
+    def observe(self, run_us: int) -> None:
+        s = max(run_us, 10) * 1e-6
+        self.seconds = s if self.seconds is None else self.seconds + 0.2 * (s - self.seconds)
+
+    def ahead(self, config: PoolConfig, most: int) -> int:
+        if self.seconds is None:
+            return 0
+        return max(0, min(most, config.max_prefetch, int(config.prefetch_s / max(self.seconds, 1e-5))))
+
+
 class Backend(Protocol):
     """What the supervisor asks of an executor of jobs (run ids are ``job_id`` in frames and events)."""
 

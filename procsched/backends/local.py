@@ -38,7 +38,7 @@ from ..ipc.doorbell import Doorbell
 from ..ipc.ring import W_RECALL, W_STARTED, W_YIELD
 from ..log import get_logger
 from ..model import PoolConfig
-from . import Event, Result, Returned, Started
+from . import Event, JobLength, Result, Returned, Started
 from .processes import BOOTING, DEAD, READY, RETIRING, Processes, _Slot, rss
 
 log = get_logger("procsched.workers")
@@ -59,10 +59,7 @@ class LocalBackend(Processes):
         self.slots = [_Slot(i) for i in range(config.max_workers)]
         self.by_job: dict[int, _Slot] = {}
         self.events: list[Event] = []
-        # Running estimate of a job's duration, from the jobs seen to finish.
-        # Until one has, nothing is prefetched: an unknown job may be long, and
-        # a job queued behind it on one worker would wait while another is free.
-        self.ewma_s: float | None = None
+        self.length = JobLength()  # what the prefetch follows
         self.boot_failures = 0
         self.restarts = 0
         self.spills = 0
@@ -78,11 +75,7 @@ class LocalBackend(Processes):
 
     # -- dispatch -------------------------------------------------------------
     def _limit(self) -> int:
-        cfg = self.config
-        if self.ewma_s is None:
-            return 1
-        extra = int(cfg.prefetch_s / max(self.ewma_s, 1e-5))
-        return 1 + max(0, min(extra, cfg.max_prefetch))
+        return 1 + self.length.ahead(self.config, self.config.max_prefetch)
 
     def _room(self, slot: _Slot, limit: int) -> int:
         """Jobs ``slot`` may take now: its prefetch, within what is left of its task budget.
@@ -289,8 +282,7 @@ class LocalBackend(Processes):
                     logs.pop(o.job_id, None)
                 slot.track.discard(o.job_id)
                 slot.done += 1
-                took = max(o.run_us, 10) * 1e-6
-                self.ewma_s = took if self.ewma_s is None else self.ewma_s + 0.2 * (took - self.ewma_s)
+                self.length.observe(o.run_us)
                 buffers = oob.read(o.oob, unlink_now=True) if o.oob else []
                 # A job that finished before our kill landed is reported all the
                 # same: the supervisor knows whether it still wants the outcome.

@@ -73,7 +73,7 @@ from ray import exceptions as rex
 from ..errors import WorkerLost
 from ..ipc import frames, oob
 from ..log import get_logger
-from . import Event, Lost, Result, Returned, Started
+from . import Event, JobLength, Lost, Result, Returned, Started
 from .rayconnect import flag_actor, join, leave, replace_flag_actor
 from .raytask import execute
 
@@ -131,9 +131,7 @@ class RayBackend:
         self.flags_retry_at = 0.0
         self.cluster_cpus = 0
         self.capacity_at = 0.0
-        #: running estimate of a job's length (s), from the runs seen to end; None: none yet
-        self.ewma_s: float | None = None
-        self.per_cpu = 0  # the adaptive window's runs per CPU (0: one run in all)
+        self.length = JobLength()  # what the adaptive window follows
         self._refresh(time.monotonic())
 
     # -- capacity -----------------------------------------------------------------------
@@ -174,13 +172,7 @@ class RayBackend:
             return 0
         if self.spec.window is not None:
             return self.spec.window
-        return max(1, self.capacity * self.per_cpu)
-
-    def _measured(self, run_us: int) -> None:
-        """A run ended after ``run_us``: follow the job length, and the window with it."""
-        s = run_us / 1e6
-        self.ewma_s = s if self.ewma_s is None else self.ewma_s + 0.2 * (s - self.ewma_s)
-        self.per_cpu = min(_PER_CPU, self.config.max_prefetch, int(self.config.prefetch_s / max(self.ewma_s, 1e-5)))
+        return max(1, self.capacity * self.length.ahead(self.config, _PER_CPU))
 
     @property
     def degraded(self) -> bool:
@@ -320,6 +312,9 @@ class RayBackend:
             return
         self.flags_lost = False
         log.warning("ray_flag_actor_replaced", name=self.flags_name, asked=len(self.yield_at))
+        self._raise_flags()
+
+    def _raise_flags(self) -> None:
         for run in self.yield_at:
             self._ask(run, True)
 
@@ -376,7 +371,7 @@ class RayBackend:
             return Lost(run, WorkerLost(_describe(e)), killed_for)
         except Exception as e:  # noqa: BLE001 - the reply itself would not load: the run is lost
             return Lost(run, WorkerLost(f"its reply could not be read: {type(e).__name__}: {e}"), killed_for)
-        self._measured(run_us)
+        self.length.observe(run_us)
         return Result(run, status, run_us, payload, [memoryview(b) for b in bufs])
 
     def tick(self, now: float) -> None:
@@ -385,8 +380,7 @@ class RayBackend:
         if now >= self.capacity_at:
             self._refresh(now)
             self._unpark()
-            for run in self.yield_at:  # again, once a second: an actor Ray restarted has lost them,
-                self._ask(run, True)  # and one that is gone for good is found so
+            self._raise_flags()  # again, once a second: an actor Ray restarted has lost them, and one gone for good is found so
         for run, at in list(self.yield_at.items()):
             if at and now >= at:
                 del self.yield_at[run]
