@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 OOB_MIN = 128 * 1024  # buffers at least this large travel out of band
 _IN_BAND = float("inf")  # as an ``oob_min``: every buffer stays in the pickle stream
 _MAIN = b"__main__"
+# Arguments of these types alone pickle as they are: no buffer to take out
+# of band, no reference to ``__main__`` for cloudpickle to resolve.
+_SCALARS = frozenset((int, float, str, bool, type(None)))
 
 
 def _cloudpickle() -> Any:
@@ -169,6 +172,8 @@ class CallEncoder:
 
     def arguments(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], in_band: bool = False) -> tuple[bytes, list[pickle.PickleBuffer]]:
         """The pickled ``(args, kwargs)`` and the large buffers left out of it (none if ``in_band``)."""
+        if not kwargs and not in_band and all(type(a) in _SCALARS for a in args):
+            return pickle.dumps((args, kwargs), 5), []  # nothing out of band, nothing of __main__
         buffers: list[pickle.PickleBuffer] = []
         if in_band:
             try:
@@ -309,6 +314,8 @@ def _run_batch(fn: Callable[..., Any], calls: Sequence[Any], star: bool, keep_er
     its neighbours': the job's checkpoint is a :class:`BatchState`.
     """
     ctx = context._current
+    if ctx is None or (ctx._send is None and type(ctx.resume_from) is not BatchState):
+        return _run_fresh(fn, calls, star, keep_errors, ctx)
     out: list[Any] = []
     start, resume_at, inner = 0, -1, None
     if ctx is not None and type(ctx.resume_from) is BatchState:
@@ -337,6 +344,38 @@ def _run_batch(fn: Callable[..., Any], calls: Sequence[Any], star: bool, keep_er
             append(ItemError(dump_error(e)))
             failed = True
     return WithErrors(out) if failed else out
+
+
+def _run_fresh(fn: Callable[..., Any], calls: Sequence[Any], star: bool, keep_errors: bool, ctx: context.JobContext | None) -> list[Any]:
+    """:func:`_run_batch` of a batch that neither resumes nor streams checkpoints.
+
+    No call has a checkpoint of its own and none needs its index while it
+    runs, so the calls run in a plain loop (about three times less overhead
+    per call): the running call's index is ``len(out)``, one outcome per
+    call before it.
+    """
+    if ctx is not None:
+        ctx.resume_from = None
+    out: list[Any] = []
+    append = out.append
+    failed = False
+    it = iter(calls)
+    while True:
+        try:
+            if star:
+                for item in it:
+                    append(fn(*item))
+            else:
+                for item in it:
+                    append(fn(item))
+            return WithErrors(out) if failed else out
+        except Preempted as p:
+            raise Preempted(BatchState(len(out), out, p.state)) from None
+        except BaseException as e:  # noqa: BLE001 - the call's failure, like a job's
+            if not keep_errors:
+                raise
+            append(ItemError(dump_error(e)))
+            failed = True
 
 
 def dump_outcome(fn: Any, value: Any, preempted: bool) -> tuple[bytes, list[pickle.PickleBuffer]]:

@@ -387,11 +387,10 @@ def _chunk_results(futures: list[JobFuture], end: float | None) -> Iterator[Any]
     try:
         while futures:
             values = _result(futures.pop(), end)
-            values.reverse()
             if type(values) is list:  # no call of this batch failed
-                while values:
-                    yield values.pop()
+                yield from values  # (the batch is freed with the next one)
                 continue
+            values.reverse()
             while values:
                 if type(values[-1]) is ItemError:
                     raise values.pop().error()

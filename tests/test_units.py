@@ -108,6 +108,36 @@ def test_queue_front_pushes_keep_their_order() -> None:
     assert drain_cold(q) == [1, 2, 3, 4]
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("seed", range(20))
+def test_queue_matches_a_sorted_model(seed: int) -> None:
+    """Mixed pushes (in order, out of order, to the front), pops and removes: the order is the
+    model's, whichever of the lane's sorted run and heap an entry went to."""
+    rng = random.Random(seed)
+    q = ReadyQueue(aging_rate=rng.choice([0.0, 0.1]))
+    model: dict[int, tuple[float, int]] = {}  # job id -> (key, rank among equal keys)
+    front, seq, now = -(10**9), 0, 0.0
+    for job_id in range(1, 400):
+        op = rng.random()
+        if op < 0.55 or not model:
+            now += rng.choice([0.0, 0.0, 0.5])
+            priority = rng.choice([0, 0, 0, 1, 5, -2])
+            to_front = rng.random() < 0.1
+            q.push(job_id, priority, hot=False, queued_at=now, front=to_front)
+            front, seq = (front + 1, seq) if to_front else (front, seq + 1)
+            model[job_id] = (q.rank(priority, now), front if to_front else seq)
+        elif op < 0.9:
+            expected = min(model, key=model.__getitem__)
+            assert q.pop_cold() == expected
+            del model[expected]
+        else:
+            victim = rng.choice(sorted(model))
+            assert q.remove(victim)
+            del model[victim]
+        assert q.cold == len(model)
+    assert drain_cold(q) == sorted(model, key=model.__getitem__)
+
+
 @pytest.mark.timeout(10)
 def test_queue_aging_old_low_priority_wins() -> None:
     q = ReadyQueue(aging_rate=0.1)
