@@ -46,7 +46,7 @@ class Placement(Outcomes):
         self.runs[rid] = job
         self.timings.waits.append(self.now - job.queued_at)
         flags = job.flags | (frames.F_CHECKPOINT_LIVE if job.opts.preempt == "kill" else 0)
-        return frames.Dispatch(rid, job.attempt, flags, job.fn, job.args, job.resume, job.oob, job.id)
+        return frames.new(frames.Dispatch, (rid, job.attempt, flags, job.fn, job.args, job.resume, job.oob, job.id))
 
     def _claim(self, job: Job | None) -> bool:
         """Whether a popped queue entry is a job to run now (cancelled ones are settled)."""

@@ -287,7 +287,7 @@ class LocalBackend(Processes):
                 # A job that finished before our kill landed is reported all the
                 # same: the supervisor knows whether it still wants the outcome.
                 slot.killing.pop(o.job_id, None)
-                events.append(Result(o.job_id, status, o.run_us, o.payload, buffers))
+                events.append(frames.new(Result, (o.job_id, status, o.run_us, o.payload, buffers)))
                 if status == frames.PREEMPTED:
                     slot.yield_job, slot.yield_deadline = 0, 0.0
                 if out and out[0] in slot.track:
