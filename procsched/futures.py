@@ -172,13 +172,24 @@ class JobFuture(Future):  # type: ignore[type-arg]
             if value is EncodedError:  # raised outside the except block: no chained context
                 raise self._decode_error()
         if type(value) is Encoded:
-            with self._condition:
+            value = self._decode_value(value)
+        return value
+
+    def _decode_value(self, encoded: Encoded) -> Any:
+        # Unpickled outside any lock (it may import the class's module); the
+        # first decoding to land is the one every reader gets. ``_lazy``, not
+        # the condition: making a condition costs more than most results take
+        # to decode, and only the swap below needs guarding.
+        value = codec.load_value(encoded.payload, encoded.buffers)
+        with self._lazy:
+            first = self._result is encoded
+            if first:
+                self._encoded = encoded
+                self._result = value
+            else:
                 value = self._result
-                if type(value) is Encoded:  # decode once, even when two threads ask at once
-                    self._encoded = value
-                    value = self._result = codec.load_value(value.payload, value.buffers)
-                    if self._on_fetch is not None:
-                        self._on_fetch(self.job_id)
+        if first and self._on_fetch is not None:
+            self._on_fetch(self.job_id)
         return value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
