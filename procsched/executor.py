@@ -107,6 +107,7 @@ class Pool(_Submitter, Controls, Executor):
         rec = self._sup.rec
         self._always = rec is not None and rec.always
         self._on_fetch = rec.fetched.append if rec is not None and rec.drop_fetched else None
+        self._lend = self._sup.lend if self._sup.lendable else None  # a waiting caller runs the loop
         self._sup.start()
         atexit.register(self._at_exit)
 
@@ -130,6 +131,7 @@ class Pool(_Submitter, Controls, Executor):
         desc = oob.write(f"{self._prefix}a{next(self._segments)}", buffers) if buffers else b""
         fut = JobFuture()
         fut.job_id = job_id
+        fut._lend = self._lend
         if self._on_fetch is not None:
             fut._on_fetch = self._on_fetch
         return Job(job_id, fut, opts.name or label or _label(fn), fn_bytes, flags, args_bytes, desc, opts, key)
@@ -137,6 +139,7 @@ class Pool(_Submitter, Controls, Executor):
     def _new_future(self) -> JobFuture:
         fut = JobFuture()
         fut.job_id = next(self._ids)
+        fut._lend = self._lend
         if self._on_fetch is not None:
             fut._on_fetch = self._on_fetch
         return fut
@@ -185,6 +188,7 @@ class Pool(_Submitter, Controls, Executor):
         Under ``fsync="always"`` this returns once the jobs' records are on disk.
         """
         durable = None
+        borrow = False
         with self._lock:
             closed = self._closed
             if closed:
@@ -193,11 +197,13 @@ class Pool(_Submitter, Controls, Executor):
                 durable = threading.Event()
                 self._sup.post(("jobs", jobs, durable))
             else:
-                self._sup.post(jobs[0] if len(jobs) == 1 else jobs)
+                borrow = self._sup.post(jobs[0] if len(jobs) == 1 else jobs, borrow=True)
         if closed:
             self._drop(jobs)
             raise RuntimeError("cannot schedule new futures after shutdown")
-        if durable is None or threading.current_thread() is self._sup.thread:
+        if borrow:  # the loop sleeps with a worker idle: place the jobs from here
+            self._sup.lend_turn()
+        if durable is None or self._sup.on_loop():
             return  # (a done-callback runs on the loop: waiting there would wait for itself)
         while not durable.wait(0.5):
             if self._sup.ended:  # it crashed: the futures say why
@@ -224,7 +230,7 @@ class Pool(_Submitter, Controls, Executor):
                 self._sup.post(("shutdown", cancel_futures, kill, grace))
 
     def _join(self) -> None:
-        if threading.current_thread() is not self._sup.thread:
+        if not self._sup.on_loop():
             self._sup.thread.join()
             # Until here the exit hook stays: after shutdown(wait=False) the
             # interpreter still waits for the accepted jobs, as the stdlib does.
@@ -256,7 +262,7 @@ class Pool(_Submitter, Controls, Executor):
 
     def _ask(self, what: str, *args: Any) -> Any:
         """A request the loop answers (it owns the jobs); waits for the answer."""
-        if threading.current_thread() is self._sup.thread:
+        if self._sup.on_loop():
             raise PoolError(f"{what}() cannot be called from a future's done-callback (it runs on the supervisor's loop)")
         self._check_open()
         answer: list[Any] = []
@@ -323,7 +329,7 @@ class Pool(_Submitter, Controls, Executor):
         """Rewrite the journal as its live state now (it also compacts on its own)."""
         if self._sup.rec is None:
             raise PoolError("this pool has no journal")
-        if threading.current_thread() is self._sup.thread:
+        if self._sup.on_loop():
             raise PoolError("compact_journal() cannot be called from a future's done-callback (it runs on the supervisor's loop)")
         self._check_open()
         done = threading.Event()
@@ -373,7 +379,7 @@ def _check_config(c: PoolConfig) -> None:
         v = getattr(c, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"Pool option {name!r} must be a non-negative int, not {v!r}")
-    for name in ("prefetch_s", "kill_grace", "respawn_backoff", "respawn_backoff_max", "memory_check_interval", "aging_rate", "preempt_grace", "stop_timeout"):
+    for name in ("prefetch_s", "kill_grace", "respawn_backoff", "respawn_backoff_max", "memory_check_interval", "aging_rate", "preempt_grace", "stop_timeout", "idle_spin"):
         v = getattr(c, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
             raise ValueError(f"Pool option {name!r} must be a non-negative number, not {v!r}")

@@ -21,6 +21,7 @@ condition exists, or under the condition once it does, never both.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
@@ -70,6 +71,9 @@ class JobFuture(Future):  # type: ignore[type-arg]
     _encoded: Encoded | None = None
     #: called with the future once it is settled or cancelled (the service pushes it to its client)
     _on_settle: Any = None
+    #: ``lend(future, timeout)``: run the pool's loop on this thread while waiting, if it
+    #: sleeps (``lending.py``); None: wait as any future does
+    _lend: Any = None
 
     def __init__(self) -> None:  # Future.__init__ without its condition (see the module doc)
         self._cond: threading.Condition | None = None
@@ -165,6 +169,8 @@ class JobFuture(Future):  # type: ignore[type-arg]
         if self._state == FINISHED and self._exception is None:
             value = self._result  # settled: no lock, no wait
         else:
+            if self._lend is not None and self._state not in _DONE:
+                timeout = self._lent_wait(timeout)
             try:
                 value = super().result(timeout)
             except EncodedError:
@@ -174,6 +180,15 @@ class JobFuture(Future):  # type: ignore[type-arg]
         if type(value) is Encoded:
             value = self._decode_value(value)
         return value
+
+    def _lent_wait(self, timeout: float | None) -> float | None:
+        """Wait by running the pool's loop, if it can be borrowed; the time left to wait."""
+        if timeout is None:
+            self._lend(self, None)
+            return None
+        end = time.monotonic() + timeout
+        self._lend(self, timeout)
+        return max(0.0, end - time.monotonic())
 
     def _decode_value(self, encoded: Encoded) -> Any:
         # Unpickled outside any lock (it may import the class's module); the
@@ -193,6 +208,8 @@ class JobFuture(Future):  # type: ignore[type-arg]
         return value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._lend is not None and self._state not in _DONE:
+            timeout = self._lent_wait(timeout)
         exc = super().exception(timeout)
         if type(exc) is EncodedError:
             return self._decode_error()

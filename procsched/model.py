@@ -195,6 +195,9 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     log_dir: str = ""
     #: bytes a job's log keeps at most; later output is dropped, and a last line says so (0: no cap)
     log_bytes: int = 1 << 20
+    #: seconds an idle worker watches its ring before it sleeps, yielding the CPU meanwhile: a
+    #: job sent in that time starts without a wake-up (0: sleep at once)
+    idle_spin: float = 0.0002
 
 
 FsyncPolicy = Literal["always", "interval", "never"]

@@ -249,6 +249,7 @@ class Front:
     def attach(self) -> None:
         self.poller = self.sup.backend.poller
         self.sup.front = self
+        self.sup.lendable = False  # the sockets are in the loop thread's poll alone
         for fd in self.listeners:
             self.poller.register(fd, _IN)
 

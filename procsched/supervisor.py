@@ -18,13 +18,21 @@ A job's path::
       ▼
     _finish        drop the job, unlink its argument segment
 
-Everything in this list is mutated by the loop thread alone; the caller's
-threads only ``post()`` messages. Run ids (not job ids) cross to the
-backend, so a late event from an abandoned run (a killed worker, a retried
-job) is recognised and ignored. The loop sleeps in one ``poll`` over the
-doorbell (rung by workers and by ``post``) and every worker's pidfd, with
-the timeout set to the next timer (or a 1 s backstop, see ``_BACKSTOP_MS``);
-work and deaths wake it, it does not poll for them.
+Everything in this list is mutated by the loop alone (``_turn``); the
+caller's threads only ``post()`` messages. Run ids (not job ids) cross to
+the backend, so a late event from an abandoned run (a killed worker, a
+retried job) is recognised and ignored. The loop sleeps in one ``poll``
+over the doorbell (rung by workers and by ``post``) and every worker's
+pidfd, with the timeout set to the next timer (or a 1 s backstop, see
+``_BACKSTOP_MS``); work and deaths wake it, it does not poll for them.
+
+The loop is one role that one thread at a time plays, the holder of
+``baton``: the supervisor's thread, except while it sleeps, when a caller
+about to wait for the loop may run its turns instead (``lending.py``: a
+round trip then costs two thread wakes, not four). DESIGN.md's "one loop
+alone owns the job table, no locks around scheduling state" holds with that
+reading: the baton is the loop's, taken once per stretch of turns, never
+around a single piece of state.
 
 With a journal (``self.rec``, see ``recorder.py``), each step above is
 also a record: ``_admit`` writes the submit (or answers a known key from
@@ -70,6 +78,7 @@ from .journal import records as r
 from .log import get_logger
 from .model import PENDING, QUEUED, JournalConfig, PoolConfig
 from .ledger import DeadLetter, DeadLetters, Timings
+from .lending import Lending
 from .recorder import Recorder
 from .outcomes import _CRON, _DUE, _RETRY
 from .placement import Placement
@@ -85,7 +94,7 @@ log = get_logger("procsched.supervisor")
 _BACKSTOP_MS = 1000
 
 
-class Supervisor(Placement):
+class Supervisor(Lending, Placement):
     def __init__(self, config: PoolConfig, prefix: str, journal: JournalConfig | None = None, backend: Spec | None = None) -> None:
         self.config = config
         self.prefix = prefix
@@ -94,10 +103,12 @@ class Supervisor(Placement):
         self.rec = None if journal is None else Recorder(journal)
         try:
             self.bell = Doorbell.create()
+            self.lent_bell = Doorbell.create()  # rung instead while a caller has borrowed the loop
             try:
-                self.backend: Backend = (backend or Local()).open(config, prefix, self.bell)
+                self.backend: Backend = (backend or Local()).open(config, prefix, self.bell, self.lent_bell)
             except BaseException:
                 self.bell.close()
+                self.lent_bell.close()
                 raise
         except BaseException:
             if self.rec is not None:
@@ -109,7 +120,17 @@ class Supervisor(Placement):
         self.timers: list[tuple[float, int, int, int]] = []
         self.yielding: set[int] = set()
         self.intake: deque[Any] = deque()
+        #: whoever runs the loop sleeps and must be rung (by ``sleeper``) for what is posted
         self.sleeping = False
+        self.sleeper = self.bell
+        #: held by the thread that runs the loop now (see ``lending.py``)
+        self.baton = threading.Lock()
+        self.holder = 0  # that thread's ident (0: the loop sleeps)
+        self.lendable = self.backend.lendable
+        self.lends = 0  # how many times the loop was lent (the loop thread's poll result may be stale)
+        self.loop_wake = float("inf")  # when the loop's thread, asleep, wakes on its own
+        self.lent_failure: BaseException | None = None  # a borrowed turn raised: the loop's thread fails the pool
+        self.idle = False  # when the loop went to sleep, a worker had nothing to do
         self.ended = False
         self.crashed: BaseException | None = None
         self._ended_lock = threading.Lock()
@@ -175,6 +196,7 @@ class Supervisor(Placement):
                 self.backend.close(time.monotonic())  # (nothing started yet: it lets go of what it holds)
                 self.rec.close()
                 self.bell.close()
+                self.lent_bell.close()
                 oob.sweep(prefix)  # argument segments of the jobs restored so far
                 raise
             self.first_job_id = self.rec.journal.state.next_job
@@ -183,13 +205,17 @@ class Supervisor(Placement):
     def start(self) -> None:
         self.thread.start()
 
-    def post(self, message: Any) -> None:
+    def post(self, message: Any, borrow: bool = False) -> bool:
         """Hand a Job, a list of Jobs, or a control tuple to the loop.
 
         Jobs come only while the pool is open, so the loop is running. A
         control message may come after the loop has ended and closed its
         doorbell; it is dropped then (under ``_ended_lock``, so the ring can
         never hit a closed fd whose number was reused).
+
+        With ``borrow``, jobs posted while the loop sleeps and a worker is idle
+        wake nobody: the answer is True, and the caller runs the turn that
+        places them itself (``lend_turn``), once it holds no lock of its own.
         """
         if type(message) is tuple:
             with self._ended_lock:
@@ -198,23 +224,33 @@ class Supervisor(Placement):
                     # Always ring: if an exception (Ctrl-C) struck a poster between
                     # the two lines below, this still wakes the loop.
                     self.sleeping = False
-                    self.bell.ring()
-                    return
+                    self.sleeper.ring()
+                    return False
             if message[0] == "jobs":  # jobs after all (fsync="always"): their futures fail
                 self.intake.append(message)
                 self._refuse_intake()
-            return
+            return False
         self.intake.append(message)
         if self.ended:
             self._refuse_intake()
         elif self.sleeping:
-            # One ring per sleep: posts that race this one see False and skip
-            # the syscall (a rare double ring is harmless). Under the lock, as
-            # a loop that crashed while asleep closes the doorbell under it.
+            if borrow and self.idle and self.lendable:
+                return True
+            self._ring()
+        return False
+
+    def _ring(self) -> None:
+        """Wake whoever runs the loop, if it sleeps.
+
+        One ring per sleep: posts that race this one see False and skip the
+        syscall (a rare double ring is harmless). Under the lock, as a loop
+        that crashed while asleep closes the doorbell under it.
+        """
+        if self.sleeping:
             self.sleeping = False
             with self._ended_lock:
                 if not self.ended:
-                    self.bell.ring()
+                    self.sleeper.ring()
 
     # -- the loop -------------------------------------------------------------
     def _main(self) -> None:
@@ -232,6 +268,7 @@ class Supervisor(Placement):
             with self._ended_lock:
                 self.ended = True
                 self.bell.close()
+                self.lent_bell.close()
             self._refuse_intake()
             if self.on_end is not None:
                 self.on_end()
@@ -258,45 +295,72 @@ class Supervisor(Placement):
     def _loop(self) -> None:
         backend = self.backend
         poller = backend.poller
+        baton = self.baton
+        baton.acquire()  # (kept once the loop ends: nobody can borrow an ended loop)
+        self.holder = threading.get_ident()
         backend.spawn_all(time.monotonic())
         ready: list[tuple[int, int]] = []
         while True:
             now = self.now = time.monotonic()
-            if self.intake:
-                self._intake(now)
-            if self.front is not None and ready:
-                self.front.collect(ready)
-            self._events(backend.collect(now, ready), now)
-            if self.timers and self.timers[0][0] <= now:
-                self._fire_timers(now)
-            # dispatch before tick: a preemption no longer needed (its hot job
-            # placed or cancelled) is called off before tick() kills for it
-            self._dispatch(now)
-            backend.tick(now)
-            if self.rec is not None:
-                self.rec.end_turn()
-            if self.front is not None:
-                self.front.flush()
-            if self.drained is not None and not self.runs:
-                self.drained.set()
+            self._turn(now, ready)
             if self.closing and not self.jobs and not self.intake:
                 break
-            if now >= self.beat_at:
-                self._beat(now)
-            wake = min(self.timers[0][0] if self.timers else float("inf"), backend.next_deadline(), self.beat_at)
+            wake = self._next_wake()
             self.sleeping = True
+            self.idle = backend.idle_workers() > 0
             if self.intake or not backend.prepare_sleep():
-                timeout = 0  # work arrived while we looked: only check for deaths
-            elif wake == float("inf"):
-                timeout = _BACKSTOP_MS  # no timer: a lost wakeup still costs at most this
-            else:
-                timeout = min(_BACKSTOP_MS, max(0, int((wake - time.monotonic()) * 1000) + 1))  # (poll takes an int32)
-            ready = poller.poll(timeout)  # also with 0: a busy loop must see worker deaths
+                ready = poller.poll(0)  # work arrived while we looked: only check for deaths
+                self.sleeping = False
+                backend.woke()
+                continue
+            # no timer: a lost wakeup still costs at most the backstop (poll takes an int32)
+            timeout = _BACKSTOP_MS if wake == float("inf") else min(_BACKSTOP_MS, max(0, int((wake - time.monotonic()) * 1000) + 1))
+            self.loop_wake, lends = wake, self.lends
+            self.holder = 0
+            baton.release()  # asleep, the loop may be borrowed (lending.py)
+            try:
+                ready = poller.poll(timeout)
+            finally:
+                baton.acquire()
+                self.holder = threading.get_ident()
+            if self.lent_failure is not None:
+                raise self.lent_failure
+            if self.lends != lends:  # a caller ran the loop meanwhile: what the poll saw is stale
+                ready = poller.poll(0)
             self.sleeping = False
-            if timeout:
-                self.bell.drain()
+            self.loop_wake = float("inf")
+            self.bell.drain()
             backend.woke()
         backend.close(time.monotonic() + (self.stop_grace if self.killing else self.config.stop_timeout))
+
+    def _turn(self, now: float, ready: list[tuple[int, int]]) -> None:
+        """One turn of the loop, by whichever thread holds the baton: take what was posted
+        and what the backend reports (``ready``: what the poll saw), fire due timers,
+        place jobs, commit the journal."""
+        backend = self.backend
+        if self.intake:
+            self._intake(now)
+        if self.front is not None and ready:
+            self.front.collect(ready)
+        self._events(backend.collect(now, ready), now)
+        if self.timers and self.timers[0][0] <= now:
+            self._fire_timers(now)
+        # dispatch before tick: a preemption no longer needed (its hot job
+        # placed or cancelled) is called off before tick() kills for it
+        self._dispatch(now)
+        backend.tick(now)
+        if self.rec is not None:
+            self.rec.end_turn()
+        if self.front is not None:
+            self.front.flush()
+        if self.drained is not None and not self.runs:
+            self.drained.set()
+        if now >= self.beat_at:
+            self._beat(now)
+
+    def _next_wake(self) -> float:
+        """When the loop must run next whatever happens: its next timer, or the backend's."""
+        return min(self.timers[0][0] if self.timers else float("inf"), self.backend.next_deadline(), self.beat_at)
 
     def _events(self, events: list[Any], now: float) -> None:
         """Apply what the backend reported. A method, not a loop in ``_loop``: a loop variable

@@ -542,7 +542,7 @@ def test_unknown_pool_keyword_raises_type_error_naming_it() -> None:
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("ring_bytes", 10), ("max_prefetch", -1), ("kill_grace", -0.5), ("stop_timeout", "5"), ("max_tasks_per_child", 1.5)],
+    [("ring_bytes", 10), ("max_prefetch", -1), ("kill_grace", -0.5), ("stop_timeout", "5"), ("max_tasks_per_child", 1.5), ("idle_spin", -1e-4)],
 )
 def test_invalid_pool_option_names_it(option: str, value: Any) -> None:
     with pytest.raises((ValueError, TypeError), match=option):

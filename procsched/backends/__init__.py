@@ -90,6 +90,10 @@ class Backend(Protocol):
     config: PoolConfig
     poller: Any  # a select.poll the supervisor sleeps in; the backend registers its fds there
     restarts: int
+    #: whether a waiting caller may borrow the loop (``lending.py``); if so, the backend
+    #: also has ``lend_poller`` (the lent doorbell and every fd of ``poller`` but the
+    #: loop's own doorbell) and ``lend(lent)``, which tells its executors which doorbell to ring
+    lendable: bool
 
     @property
     def degraded(self) -> bool:
@@ -173,10 +177,10 @@ class Local:
 
         return int(loky.cpu_count())  # cgroup quota and affinity aware
 
-    def open(self, config: PoolConfig, prefix: str, bell: Doorbell) -> Backend:
+    def open(self, config: PoolConfig, prefix: str, bell: Doorbell, lent_bell: Doorbell) -> Backend:
         from .local import LocalBackend
 
-        return LocalBackend(config, prefix, bell)
+        return LocalBackend(config, prefix, bell, lent_bell)
 
     def __repr__(self) -> str:
         return "Local()"
@@ -212,7 +216,7 @@ class Ray:
     def default_workers(self) -> int:
         return 0  # the cluster's CPUs
 
-    def open(self, config: PoolConfig, prefix: str, bell: Doorbell) -> Backend:
+    def open(self, config: PoolConfig, prefix: str, bell: Doorbell, lent_bell: Doorbell) -> Backend:
         try:
             from .ray import RayBackend
         except ImportError as e:

@@ -35,7 +35,7 @@ from typing import Any
 
 from ..ipc import frames, oob
 from ..ipc.doorbell import Doorbell
-from ..ipc.ring import W_RECALL, W_STARTED, W_YIELD
+from ..ipc.ring import W_OUT_BELL, W_RECALL, W_STARTED, W_YIELD
 from ..log import get_logger
 from ..model import PoolConfig
 from . import Event, JobLength, Result, Returned, Started
@@ -46,7 +46,9 @@ log = get_logger("procsched.workers")
 
 
 class LocalBackend(Processes):
-    def __init__(self, config: PoolConfig, prefix: str, sup_bell: Doorbell) -> None:
+    lendable = True  # a waiting caller may run the supervisor's loop (``lending.py``)
+
+    def __init__(self, config: PoolConfig, prefix: str, sup_bell: Doorbell, lent_bell: Doorbell) -> None:
         # Absolute: a worker's directory is the caller's when it starts, not later.
         self.log_dir = os.path.abspath(config.log_dir) if config.log_dir else ""
         if self.log_dir:
@@ -67,6 +69,12 @@ class LocalBackend(Processes):
         self.next_memory_check = 0.0
         self.poller = select.poll()
         self.poller.register(sup_bell.read_fd, select.POLLIN)
+        # While the loop is lent, its borrower sleeps in a poll of its own: the lent
+        # doorbell and the same pidfds. ``lent`` is what each channel's W_OUT_BELL holds.
+        self.lent_bell = lent_bell
+        self.lend_poller = select.poll()
+        self.lend_poller.register(lent_bell.read_fd, select.POLLIN)
+        self.lent = 0
         self.by_sentinel: dict[int, _Slot] = {}
 
     @property
@@ -238,6 +246,13 @@ class LocalBackend(Processes):
         for slot in self.slots:
             if slot.ch is not None:
                 slot.ch.outbound.woke()
+
+    def lend(self, lent: bool) -> None:
+        """Have workers ring the lent doorbell (``True``) or the loop thread's."""
+        self.lent = int(lent)
+        for slot in self.slots:
+            if slot.ch is not None:
+                slot.ch.words[W_OUT_BELL] = self.lent
 
     def _drain(self, slot: _Slot, now: float) -> None:
         assert slot.ch is not None

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from .. import joblog
 from ..errors import MemoryLimitExceeded, WorkerCrashed, describe_exit
 from ..ipc.doorbell import Doorbell
-from ..ipc.ring import W_STARTED, W_STOP, Channel
+from ..ipc.ring import W_OUT_BELL, W_STARTED, W_STOP, Channel
 from ..log import get_logger
 from . import Event, Lost, Returned
 
@@ -79,6 +79,9 @@ class Processes:
     config: PoolConfig
     prefix: str
     sup_bell: Doorbell
+    lent_bell: Doorbell
+    lend_poller: Any
+    lent: int
     slots: list[_Slot]
     by_job: dict[int, _Slot]
     by_sentinel: dict[int, _Slot]
@@ -109,17 +112,19 @@ class Processes:
             "channel": ch.fd,
             "size": ch.size,
             "bell": [bell.read_fd, bell.write_fd],
-            "sup_bell": self.sup_bell.write_fd,
+            "sup_bells": [self.sup_bell.write_fd, self.lent_bell.write_fd],
             "death": death_r,
             "parent": os.getpid(),
             "index": slot.index,
             "prefix": self.prefix,
             "path": sys.path,
             "soft_rss": cfg.max_memory or 0,
+            "spin_s": cfg.idle_spin,
             "log_dir": self.log_dir,
             "log_bytes": cfg.log_bytes,
         }
-        fds = (ch.fd, *bell.fds(), self.sup_bell.write_fd, death_r)
+        ch.words[W_OUT_BELL] = self.lent
+        fds = (ch.fd, *bell.fds(), self.sup_bell.write_fd, self.lent_bell.write_fd, death_r)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-c", _BOOT_CMD, pickle.dumps(boot).hex(), _ROOT],
@@ -143,6 +148,7 @@ class Processes:
         slot.sentinel = os.pidfd_open(proc.pid)
         self.by_sentinel[slot.sentinel] = slot
         self.poller.register(slot.sentinel, select.POLLIN)
+        self.lend_poller.register(slot.sentinel, select.POLLIN)
         if previous:
             log.info("worker_respawned", worker=slot.index, pid=proc.pid, previous=previous)
         else:
@@ -219,6 +225,7 @@ class Processes:
     def _close(self, slot: _Slot) -> None:
         if slot.sentinel >= 0:
             self.poller.unregister(slot.sentinel)
+            self.lend_poller.unregister(slot.sentinel)
             self.by_sentinel.pop(slot.sentinel, None)
             os.close(slot.sentinel)
             slot.sentinel = -1
@@ -334,6 +341,7 @@ class Processes:
             self._close(s)
             s.state = DEAD
         self.poller.unregister(self.sup_bell.read_fd)
+        self.lend_poller.unregister(self.lent_bell.read_fd)
 
 
 def rss(pid: int) -> int:

@@ -93,6 +93,8 @@ class RayBackend:
     """``backends.Backend`` over a Ray cluster; driven by the supervisor's loop thread alone,
     except :meth:`_done`, which Ray calls on its own thread."""
 
+    lendable = False  # its outcomes arrive on Ray's threads, which ring the loop's doorbell
+
     def __init__(self, spec: Ray, config: PoolConfig, bell: Doorbell) -> None:
         self.config = config
         self.spec = spec

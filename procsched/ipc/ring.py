@@ -9,7 +9,7 @@ two processes lets go.
 Layout (every control word on its own 64-byte line)::
 
     words   in.head  in.tail  in.sleeping  out.head  out.tail  out.sleeping
-            started  yield_req  stop  ... (see ``W_*``)
+            started  yield_req  stop  recall  out.bell  ... (see ``W_*``)
     data    [ in ring  | out ring ]
 
 A record is a little-endian ``u32`` length and the bytes, padded to 8; a
@@ -52,6 +52,7 @@ W_STARTED = 6  # id of the job the worker began last (0: none yet)
 W_YIELD = 7  # id of the job asked to yield (0: none)
 W_STOP = 8  # non-zero: begin nothing more, exit
 W_RECALL = 9  # bumped by the supervisor: return every job not yet begun
+W_OUT_BELL = 10  # which supervisor doorbell the worker rings: 0 the loop thread's, 1 the lent one
 
 _U32 = struct.Struct("<I")
 _fence_lock = threading.Lock()
