@@ -13,7 +13,8 @@ Differences from ``ProcessPoolExecutor``, on purpose:
   ``ProcessPoolExecutor``'s call queue does: ``cancel()`` returns False for
   it. The prefetch is small (about ``prefetch_s`` of work at the measured job
   duration, at most ``max_prefetch`` jobs, none until a job's duration has
-  been measured); every job past it stays cancellable;
+  been measured); every job past it stays cancellable. The jobs prefetched
+  behind one that runs long go to an idle worker instead;
 * ``map`` with the default ``chunksize=1`` keeps the stdlib's per-call
   outcomes but sends the calls in batches (about four per worker, as
   ``multiprocessing.Pool.map`` sizes its chunks) unless a ``timeout`` or

@@ -591,6 +591,21 @@ def test_on_a_warm_pool_only_the_small_prefetch_counts_as_running(tmp_path: Path
         stats_reach(pool, cancelled=len(queued) - prefetched)
 
 
+@pytest.mark.timeout(60)
+def test_jobs_queued_behind_a_long_job_move_to_an_idle_worker(tmp_path: Path) -> None:
+    # The pool knows jobs to be short, so each worker gets a prefetch; one of them
+    # then runs a job that blocks. The short jobs placed behind it must not wait
+    # for it while the other worker has nothing to do.
+    with procsched.Pool(2) as pool, Gate(tmp_path) as gate:
+        warm_up(pool, 200)
+        first = start_blocker(pool, gate)
+        quick = [pool.submit(square, i) for i in range(300)]
+        assert [f.result(timeout=WAIT) for f in quick] == [i * i for i in range(300)]
+        assert not first.done()
+        gate.open()
+        assert first.result(timeout=WAIT) == "blocker"
+
+
 # -- job options -------------------------------------------------------------
 
 

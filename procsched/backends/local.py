@@ -13,7 +13,9 @@ implementation:
 * ``kill(job_id, reason)``: stop the worker running a job (timeout, cancel);
 * ``collect(now)``: outcomes, job starts, lost and returned jobs, since the
   last call; ``tick(now)`` / ``next_deadline()``: kills to escalate, workers
-  to respawn, memory to sample.
+  to respawn, memory to sample, and jobs prefetched behind a long one to take
+  back while a worker idles (``_steal``);
+* ``lend(lent)``: which supervisor doorbell the workers ring (``lending.py``).
 
 With the pool's ``log_dir`` set, it makes the directory, tells each worker
 where jobs' output goes (the worker redirects it, see ``joblog.py``), and caps
@@ -169,8 +171,10 @@ class LocalBackend(Processes):
                 logs[d.job_id] = d.job
             if d.job_id in tracked:
                 slot.track.add(d.job_id)
-        if was_idle and slot.state == READY and slot.outstanding[0] in slot.track:
-            self.events.append(Started(slot.outstanding[0], time.monotonic()))
+        if was_idle:
+            slot.head_since = time.monotonic()
+            if slot.state == READY and slot.outstanding[0] in slot.track:
+                self.events.append(Started(slot.outstanding[0], slot.head_since))
         if ring.publish():
             slot.bell.ring()
 
@@ -210,7 +214,9 @@ class LocalBackend(Processes):
         False: it has begun.
         """
         slot = self.by_job.get(job_id)
-        if slot is None or slot.ch is None or slot.bell is None or slot.ch.words[W_STARTED] == job_id:
+        if slot is None:  # taken back from behind a long job: reported returned already
+            return any(job_id in s.stolen for s in self.slots)
+        if slot.ch is None or slot.bell is None or slot.ch.words[W_STARTED] == job_id:
             return False
         self._recall(slot)
         started = slot.ch.words[W_STARTED]  # read after the recall is written
@@ -279,8 +285,9 @@ class LocalBackend(Processes):
                 log.info("pool_recovered", worker=slot.index)
             self.boot_failures = 0
             log.debug("worker_ready", worker=slot.index, pid=pid, boot_ms=round((time.monotonic() - slot.booted_at) * 1e3, 1))
+            slot.head_since = time.monotonic()
             if slot.outstanding and slot.outstanding[0] in slot.track:  # its clock starts now, not at dispatch
-                self.events.append(Started(slot.outstanding[0], time.monotonic()))
+                self.events.append(Started(slot.outstanding[0], slot.head_since))
 
     def _outcomes(self, slot: _Slot, outcomes: list[frames.Outcome], now: float) -> None:
         events = self.events
@@ -305,10 +312,13 @@ class LocalBackend(Processes):
                 events.append(frames.new(Result, (o.job_id, status, o.run_us, o.payload, buffers)))
                 if status == frames.PREEMPTED:
                     slot.yield_job, slot.yield_deadline = 0, 0.0
+                slot.head_since = now
                 if out and out[0] in slot.track:
                     events.append(Started(out[0], now))
             elif status == frames.RETURNED:
-                if o.job_id:
+                if o.job_id in slot.stolen:  # reported returned when it was taken back
+                    slot.stolen.discard(o.job_id)
+                elif o.job_id:
                     out.remove(o.job_id)
                     self.by_job.pop(o.job_id, None)
                     if logs is not None:
@@ -331,9 +341,47 @@ class LocalBackend(Processes):
         elif self.config.max_tasks_per_child and slot.done >= self.config.max_tasks_per_child and slot.state == READY:
             self.retire(slot)
 
+    # -- jobs stuck behind a long one ----------------------------------------------
+    def _steal_after(self) -> float:
+        """How long a job may run before the jobs queued behind it go to an idle worker: the
+        prefetch's horizon, or a few times what a job takes."""
+        return max(self.config.prefetch_s, 4 * (self.length.seconds or 0.0))
+
+    def _stuck(self, slot: _Slot) -> bool:
+        return len(slot.outstanding) > 1 and slot.state == READY and not slot.recalling
+
+    def _steal(self, slot: _Slot) -> None:
+        """Take back the jobs queued behind the one ``slot`` runs (a worker is idle meanwhile).
+
+        The recall makes the worker return every job it has not begun once its
+        current one ends. If it is inside that job now (its ``W_STARTED`` word,
+        read after the recall is written), none of the others can begin first,
+        so they are reported returned at once and run elsewhere; the worker's
+        own returns of them are ignored later (``stolen``). Between jobs, its
+        answer to the recall brings them back, as for a retirement.
+        """
+        assert slot.ch is not None
+        head = slot.outstanding[0]
+        self._recall(slot)
+        if slot.ch.words[W_STARTED] != head:
+            return
+        logs = self.log_jobs
+        behind = list(slot.outstanding)[1:]
+        for rid in behind:
+            self.by_job.pop(rid, None)
+            if logs is not None:
+                logs.pop(rid, None)
+            slot.track.discard(rid)
+            slot.stolen.add(rid)
+        slot.outstanding.clear()
+        slot.outstanding.append(head)
+        self.events += [Returned(rid) for rid in behind]
+        log.debug("prefetch_taken_back", worker=slot.index, runs=len(behind))
+
     # -- time -----------------------------------------------------------------
     def next_deadline(self) -> float:
         best = float("inf")
+        idle = False
         for s in self.slots:
             if s.kill_at:
                 best = min(best, s.kill_at)
@@ -341,6 +389,12 @@ class LocalBackend(Processes):
                 best = min(best, s.yield_deadline)
             if s.state == DEAD and not self.closing:
                 best = min(best, s.respawn_at)
+            idle = idle or s.idle
+        if idle:  # when a job queued behind a long one should move to an idle worker
+            after = self._steal_after()
+            for s in self.slots:
+                if self._stuck(s):
+                    best = min(best, s.head_since + after)
         if self.config.max_memory_hard:
             best = min(best, self.next_memory_check)
         return best
@@ -359,6 +413,11 @@ class LocalBackend(Processes):
                 self.spawn(s, now)
             elif s.surplus and s.state == READY:
                 self.retire(s)
+        if any(s.idle for s in self.slots):  # (dispatch has run: the queue has nothing for them)
+            after = self._steal_after()
+            for s in self.slots:
+                if self._stuck(s) and now - s.head_since >= after:
+                    self._steal(s)
         if self.config.max_memory_hard and now >= self.next_memory_check:
             self.next_memory_check = now + self.config.memory_check_interval
             self._check_memory(now)

@@ -57,6 +57,8 @@ class _Slot:
         self.sentinel = -1
         self.death_w = -1
         self.outstanding: deque[int] = deque()  # dispatched, no outcome yet, in run order
+        self.head_since = 0.0  # when the first of them began (about: when the one before it ended)
+        self.stolen: set[int] = set()  # taken back from behind a long job; the worker returns them unrun
         self.track: set[int] = set()  # jobs whose start the supervisor wants to hear of
         self.done = 0  # jobs finished by this process
         self.booted_at = 0.0
@@ -145,6 +147,7 @@ class Processes:
         slot.proc, slot.pid, slot.ch, slot.bell, slot.death_w = proc, proc.pid, ch, bell, death_w
         slot.state, slot.booted_at, slot.done = BOOTING, now, 0
         slot.kill_at, slot.killing, slot.recalling, slot.yield_job = 0.0, {}, False, 0
+        slot.stolen = set()
         slot.sentinel = os.pidfd_open(proc.pid)
         self.by_sentinel[slot.sentinel] = slot
         self.poller.register(slot.sentinel, select.POLLIN)
@@ -200,6 +203,7 @@ class Processes:
                 self.events.append(Returned(job_id))
         slot.outstanding.clear()
         slot.track.clear()
+        slot.stolen.clear()
         self._close(slot)
         if self.closing:
             slot.state = DEAD
