@@ -190,20 +190,22 @@ class Pool(_Submitter, Controls, Executor):
         """
         durable = None
         borrow = False
-        with self._lock:
-            closed = self._closed
-            if closed:
-                pass
-            elif self._always:
-                durable = threading.Event()
-                self._sup.post(("jobs", jobs, durable))
-            else:
-                borrow = self._sup.post(jobs[0] if len(jobs) == 1 else jobs, borrow=True)
+        try:
+            with self._lock:
+                closed = self._closed
+                if closed:
+                    pass
+                elif self._always:
+                    durable = threading.Event()
+                    self._sup.post(("jobs", jobs, durable))
+                else:
+                    borrow = self._sup.post(jobs[0] if len(jobs) == 1 else jobs, borrow=True)
+        finally:
+            if borrow:  # the loop sleeps with a worker idle: place the jobs from here (nobody was rung)
+                self._sup.lend_turn()
         if closed:
             self._drop(jobs)
             raise RuntimeError("cannot schedule new futures after shutdown")
-        if borrow:  # the loop sleeps with a worker idle: place the jobs from here
-            self._sup.lend_turn()
         if durable is None or self._sup.on_loop():
             return  # (a done-callback runs on the loop: waiting there would wait for itself)
         while not durable.wait(0.5):

@@ -33,11 +33,14 @@ Two hazards, and what covers them:
 * The loop's thread, woken while a caller holds the baton, waits for it;
   what its poll saw is stale by then (a dead worker's pidfd may have been
   closed and its number reused), so it polls again (``lends`` changed).
-* A Ctrl-C must not land inside a turn run by the main thread (a job popped
-  from the queue and not yet placed would be lost). While the main thread
-  runs a turn, SIGINT's Python handler is swapped for one that only records
-  the signal; the original is called, raising ``KeyboardInterrupt``, between
-  turns (:class:`_Guard`). Only SIGINT is held back: it is the one people press.
+* A signal must not be handled inside a turn run by the main thread: a
+  Ctrl-C's ``KeyboardInterrupt`` (or an alarm's exception, or ``sys.exit``
+  from a SIGTERM handler) in the middle of a turn would leave a job popped
+  from the queue and never placed. While the main thread runs a turn, every
+  standard signal with a Python handler gets one that only records it; the
+  signal is raised again, and handled as usual, between turns (:class:`_Guard`).
+  The guard is made before the baton is taken, so that no handler can run
+  between taking the baton and the ``try`` that gives it back.
 
 A turn that raises is a supervisor crash, as on the loop's thread: the
 borrower records it and wakes the loop's thread, which fails every job.
@@ -47,13 +50,13 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import signal as _signal
     from collections import deque
 
-    from .backends import Backend
+    from .backends import Backend, Lendable
     from .futures import JobFuture
     from .ipc.doorbell import Doorbell
 else:
@@ -94,86 +97,106 @@ class Lending:
 
     def lend_turn(self) -> None:
         """Jobs were posted while the loop slept (``post`` said so): place them from here."""
-        if not self.baton.acquire(False):  # awake after all, or lent to someone else
-            self._ring()
-            return
-        guard: _Guard | _NoGuard = _NO_GUARD
+        backend = cast("Lendable", self.backend)
+        guard = _Guard.make()  # before the baton: a signal between taking it and the try would strand it
         try:
-            guard = _Guard.make()
-            self.holder = threading.get_ident()
-            if self._borrowed_turn([]):
-                self.idle = self.backend.idle_workers() > 0
+            if not self.baton.acquire(False):  # awake after all, or lent to someone else
+                self._ring()
+                return
+            ring = True
+            try:
+                self.holder = threading.get_ident()
+                # A placement may report at once (a start whose timeout must be timed, a job
+                # given back): one more turn applies it; past that the loop's thread does.
+                if self._borrowed_turn([]) and (not backend.events or self._borrowed_turn([])):
+                    self.idle = backend.idle_workers() > 0
+                    ring = self.closing or bool(backend.events) or self._next_wake() < self.loop_wake
+            finally:
+                if ring:  # the loop's thread has something to do sooner than it planned
+                    self.bell.ring()
+                self.holder = 0
+                self.baton.release()
         finally:
-            if self.lent_failure is not None or self.closing or self._next_wake() < self.loop_wake:
-                self.bell.ring()  # the loop's thread has something to do sooner than it planned
-            self.holder = 0
-            self.baton.release()
             guard.release()
 
     def lend(self, fut: JobFuture, timeout: float | None) -> None:
         """Run the loop on this thread until ``fut`` is done or ``timeout`` has passed, if the
         loop sleeps; return at once if it does not (the caller then waits on ``fut``)."""
-        if not (self.sleeping and self.lendable) or not self.baton.acquire(False):
+        if not (self.sleeping and self.lendable):
             return
-        guard: _Guard | _NoGuard = _NO_GUARD
-        backend = self.backend
-        poller = backend.lend_poller  # type: ignore[attr-defined]
         end = _INF if timeout is None else time.monotonic() + timeout
+        guard = _Guard.make()
         try:
-            guard = _Guard.make()
-            self.holder = threading.get_ident()
-            self.lends += 1
-            self.sleeping = False
-            self.sleeper = self.lent_bell
-            backend.lend(True)  # type: ignore[attr-defined]
-            ready: list[tuple[int, int]] = []
-            while self._borrowed_turn(ready) and not fut.done() and self.lendable and not self.closing:
-                wake = min(self._next_wake(), end)
-                self.sleeping = True
-                if self.intake or not backend.prepare_sleep():
-                    ms = 0
-                else:
-                    left = wake - time.monotonic()
-                    if left <= 0:
-                        self.sleeping = False
-                        backend.woke()
-                        if end <= wake:
-                            break  # the caller's timeout
-                        ready = []
-                        continue
-                    ms = _BACKSTOP_MS if wake == _INF else min(_BACKSTOP_MS, int(left * 1000) + 1)
-                guard.open()  # a Ctrl-C while asleep is the caller's, as it would be
-                ready = poller.poll(ms)
-                guard.close()
-                self.sleeping = False
-                if ms:
-                    self.lent_bell.drain()
-                backend.woke()
-        finally:
-            guard.close()
+            if not self.baton.acquire(False):
+                return
             try:
-                self._hand_back()
+                self.holder = threading.get_ident()
+                self._lent(fut, end, guard)
             finally:
-                self.holder = 0
-                self.baton.release()
-                guard.release()
+                guard.close()  # (open if a signal's handler raised while we slept)
+                try:
+                    self._hand_back()
+                finally:
+                    self.holder = 0
+                    self.baton.release()
+        finally:
+            guard.release()
+
+    def _lent(self, fut: JobFuture, end: float, guard: _Guard | _NoGuard) -> None:
+        """The borrowed loop: turns, and sleeps on the lent doorbell, until ``fut`` is done."""
+        backend = cast("Lendable", self.backend)
+        poller = backend.lend_poller
+        self.lends += 1
+        self.sleeping = False
+        self.sleeper = self.lent_bell
+        backend.lend(True)
+        ready: list[tuple[int, int]] = []
+        while self._borrowed_turn(ready) and not fut.done() and self.lendable and not self.closing:
+            ready = []
+            wake = min(self._next_wake(), end)
+            self.sleeping = True
+            if self.intake or not backend.prepare_sleep():
+                ms = 0  # something came while we looked; a poll still sees deaths
+            else:
+                left = wake - time.monotonic()
+                if left <= 0:
+                    self.sleeping = False
+                    backend.woke()
+                    if end <= wake:
+                        return  # the caller's timeout
+                    continue  # a timer: the next turn fires it
+                ms = _BACKSTOP_MS if wake == _INF else min(_BACKSTOP_MS, int(left * 1000) + 1)
+            guard.open()  # a signal while we sleep is the caller's, as it would be
+            ready = poller.poll(ms)
+            guard.close()
+            self.sleeping = False
+            if ms:
+                self.lent_bell.drain()
+            backend.woke()
 
     def _hand_back(self) -> None:
-        """The loop goes back to its thread, asleep: the rings armed for it and, if it must
-        act sooner than it planned, its doorbell rung."""
-        backend = self.backend
-        backend.lend(False)  # type: ignore[attr-defined]
-        self.sleeper = self.bell
-        while True:
-            self.sleeping = True
-            if self.lent_failure is not None or (not self.intake and backend.prepare_sleep()):
-                break
-            self.sleeping = False  # something came while we looked: take it first
-            backend.woke()
-            self._borrowed_turn([])
-        self.idle = backend.idle_workers() > 0
-        if self.lent_failure is not None or self.closing or self._next_wake() < self.loop_wake:
-            self.bell.ring()
+        """The loop goes back to its thread, asleep: the rings armed for it and, if it must act
+        sooner than it planned (or take over what keeps coming), its doorbell rung."""
+        backend = cast("Lendable", self.backend)
+        ring = True
+        try:
+            backend.lend(False)
+            self.sleeper = self.bell
+            for _ in range(2):  # what came while we looked, once; more is the loop thread's
+                self.sleeping = True
+                if self.lent_failure is not None or (not self.intake and backend.prepare_sleep()):
+                    break
+                self.sleeping = False
+                backend.woke()
+                self._borrowed_turn([])
+            else:
+                return
+            if self.lent_failure is None:
+                self.idle = backend.idle_workers() > 0
+                ring = self.closing or self._next_wake() < self.loop_wake
+        finally:
+            if ring:
+                self.bell.ring()
 
     def _borrowed_turn(self, ready: list[tuple[int, int]]) -> bool:
         """A turn on a borrowing thread; False if the loop has failed (now or before)."""
@@ -191,46 +214,58 @@ class Lending:
         return True
 
 
-class _Guard:
-    """Holds SIGINT's Python handler back while the main thread runs a turn (see the module doc).
+# Signals whose Python handlers a guard holds back: the standard ones that can be caught.
+_CATCHABLE = tuple(s for s in range(1, 32) if s not in (9, 19))  # (SIGKILL, SIGSTOP)
 
-    ``close()`` swaps in a handler that records the signal, ``open()`` puts the
-    original back and calls it if the signal came meanwhile (raising
-    ``KeyboardInterrupt``, by default). ``make()`` gives a no-op guard off the
-    main thread (Python runs signal handlers on the main thread alone) or when
-    SIGINT has no Python handler.
+
+class _Guard:
+    """Holds Python's signal handlers back while the main thread runs a turn (see the module doc).
+
+    ``close()`` gives every signal that has a Python handler one that only
+    records it; ``open()`` puts the originals back (unless something installed
+    another meanwhile) and raises each recorded signal again, so that Python
+    runs its handler as it would have (a Ctrl-C raising ``KeyboardInterrupt``),
+    only after the turn. ``make()`` gives a no-op guard off the main thread
+    (Python runs signal handlers on the main thread alone) or when no signal
+    has a Python handler.
     """
 
-    __slots__ = ("handler", "hit", "closed")
+    __slots__ = ("held", "hits", "closed", "recorder")
 
-    def __init__(self, handler: Any) -> None:
-        self.handler = handler
-        self.hit = False
+    def __init__(self, held: list[tuple[int, Any]]) -> None:
+        self.held = held
+        self.hits: list[int] = []
         self.closed = False
+        self.recorder = self._record
         self.close()
 
     @staticmethod
     def make() -> _Guard | _NoGuard:
         if threading.current_thread() is not threading.main_thread():
             return _NO_GUARD
-        handler = _signal.getsignal(_SIGINT)
-        return _Guard(handler) if callable(handler) else _NO_GUARD
+        get = _signal.getsignal
+        held = [(sig, handler) for sig in _CATCHABLE if callable(handler := get(sig))]
+        return _Guard(held) if held else _NO_GUARD
 
     def _record(self, signum: int, frame: Any) -> None:
-        self.hit = True
+        if signum not in self.hits:
+            self.hits.append(signum)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            _signal.signal(_SIGINT, self._record)
+            for sig, _ in self.held:
+                _signal.signal(sig, self.recorder)
 
     def open(self) -> None:
         if self.closed:
             self.closed = False
-            _signal.signal(_SIGINT, self.handler)
-            if self.hit:
-                self.hit = False
-                self.handler(_SIGINT, None)
+            for sig, handler in self.held:
+                if _signal.getsignal(sig) is self.recorder:
+                    _signal.signal(sig, handler)
+            hits, self.hits = self.hits, []
+            for sig in hits:
+                _signal.raise_signal(sig)  # handled as Python handles any signal, right after this
 
     release = open
 

@@ -90,9 +90,7 @@ class Backend(Protocol):
     config: PoolConfig
     poller: Any  # a select.poll the supervisor sleeps in; the backend registers its fds there
     restarts: int
-    #: whether a waiting caller may borrow the loop (``lending.py``); if so, the backend
-    #: also has ``lend_poller`` (the lent doorbell and every fd of ``poller`` but the
-    #: loop's own doorbell) and ``lend(lent)``, which tells its executors which doorbell to ring
+    #: whether a waiting caller may borrow the loop (``lending.py``); if so, it is a :class:`Lendable`
     lendable: bool
 
     @property
@@ -166,6 +164,19 @@ class Backend(Protocol):
 
     def stats(self) -> dict[str, object]: ...
     def workers_status(self, now: float, job_of: Any) -> list[dict[str, Any]]: ...
+
+
+class Lendable(Backend, Protocol):
+    """What a backend with ``lendable = True`` offers a caller that borrows the loop (``lending.py``)."""
+
+    #: a select.poll over the lent doorbell and every fd of ``poller`` but the loop's doorbell
+    lend_poller: Any
+    #: events reported and not yet collected (a placement can report at once)
+    events: list[Event]
+
+    def lend(self, lent: bool) -> None:
+        """Have the executors ring the lent doorbell (True) or the loop's own (False)."""
+        ...
 
 
 # -- choosing one ----------------------------------------------------------------------
