@@ -12,7 +12,7 @@ keeps one more, of its fsyncs).
 
 The supervisor appends samples as a job is placed and as its run ends
 (``timings.waits.append``): :class:`Samples` is the window and the
-histogram in one, so that call feeds both.
+histogram in one, so that call feeds both (in batches).
 
 Both belong to the supervisor's loop; callers see copies through
 ``pool.dead_letters()`` and ``pool.stats()``.
@@ -20,7 +20,8 @@ Both belong to the supervisor's loop; callers see copies through
 
 from __future__ import annotations
 
-from bisect import bisect_left
+import threading
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -101,6 +102,18 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1  # bounds are inclusive: value <= bound
         self.sum += value
 
+    def observe_many(self, values: list[float]) -> None:
+        """``observe`` each of ``values`` (sorted in place: one bisect per bound, not per value)."""
+        values.sort()
+        counts = self.counts
+        below = 0
+        for i, bound in enumerate(self.bounds):
+            upto = bisect_right(values, bound)  # (inclusive bounds: value <= bound)
+            counts[i] += upto - below
+            below = upto
+        counts[-1] += len(values) - below
+        self.sum += sum(values)
+
     def snapshot(self) -> dict[str, Any]:
         """``{"buckets": [[bound, cumulative count], ...], "count": n, "sum": s}`` (+Inf's count is ``count``)."""
         counts = self.counts.copy()
@@ -113,25 +126,53 @@ class Histogram:
         return {"buckets": buckets, "count": running + counts[-1], "sum": total}
 
 
-class Samples(deque[float]):
-    """The recent samples (a bounded deque, for percentiles) and a :class:`Histogram` of all of them.
+class Samples:
+    """The recent samples (a bounded window, for percentiles) and a :class:`Histogram` of all of them.
 
-    ``append`` feeds both (about half a microsecond); the deque's other
-    methods that add (``extend``, ``appendleft`` ...) bypass the histogram.
+    ``append`` is a plain list's: the loop appends two samples per job. They
+    reach the window and the histogram in batches (:meth:`fold`), once many
+    have come (the loop calls :meth:`tidy` once a turn) or when someone reads;
+    a batch is sorted once and counted with one bisect per bucket bound,
+    rather than one per sample. Any thread may fold: only the samples it
+    copied are taken out, so appends that race it stay for the next fold.
     """
 
-    __slots__ = ("hist", "_counts", "_bounds")
+    __slots__ = ("window", "hist", "pending", "append", "_lock")
+
+    #: a turn folds past this many pending samples
+    BATCH = 4096
 
     def __init__(self, maxlen: int = WINDOW, bounds: Iterable[float] = BOUNDS) -> None:
-        super().__init__((), maxlen)
+        self.window: deque[float] = deque((), maxlen)
         self.hist = Histogram(bounds)
-        self._counts, self._bounds = self.hist.counts, self.hist.bounds
+        self.pending: list[float] = []
+        self.append = self.pending.append
+        self._lock = threading.Lock()
 
-    # (Histogram.observe inlined, and globals bound as defaults: this runs twice per job in the loop)
-    def append(self, value: float, _append: Any = deque.append, _bisect: Any = bisect_left) -> None:
-        _append(self, value)
-        self._counts[_bisect(self._bounds, value)] += 1
-        self.hist.sum += value
+    def fold(self) -> None:
+        with self._lock:
+            pending = self.pending
+            n = len(pending)
+            if not n:
+                return
+            batch = pending[:n]
+            del pending[:n]
+            self.window.extend(batch)
+            self.hist.observe_many(batch)
+
+    def tidy(self) -> None:
+        if len(self.pending) >= self.BATCH:
+            self.fold()
+
+    def recent(self) -> list[float]:
+        """The window, with every sample appended so far."""
+        self.fold()
+        return list(self.window)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The histogram's :meth:`Histogram.snapshot`, with every sample appended so far."""
+        self.fold()
+        return self.hist.snapshot()
 
 
 class Timings:
@@ -140,17 +181,22 @@ class Timings:
         self.runs = Samples()  # run time the worker measured, seconds (one per attempt that returned or raised)
         self.finishes: deque[float] = deque(maxlen=WINDOW)  # monotonic times jobs finished
 
+    def tidy(self) -> None:
+        """Once a turn: fold the samples of a long stretch of jobs (see :class:`Samples`)."""
+        self.waits.tidy()
+        self.runs.tidy()
+
     def summary(self, now: float) -> dict[str, Any]:
-        # (list() and sorted() copy in one C call: safe while the loop appends)
-        out: dict[str, Any] = {"wait_s": _percentiles(self.waits), "run_s": _percentiles(self.runs)}
-        out["wait_histogram"] = self.waits.hist.snapshot()
-        out["run_histogram"] = self.runs.hist.snapshot()
+        # (list() copies in one C call: safe while the loop appends)
+        out: dict[str, Any] = {"wait_s": _percentiles(self.waits.recent()), "run_s": _percentiles(self.runs.recent())}
+        out["wait_histogram"] = self.waits.snapshot()
+        out["run_histogram"] = self.runs.snapshot()
         recent = [t for t in list(self.finishes) if t >= now - 10.0]
         out["throughput_per_s"] = round(len(recent) / 10.0, 1) if recent else 0.0
         return out
 
 
-def _percentiles(values: deque[float]) -> dict[str, float] | None:
+def _percentiles(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
     ordered = sorted(values)

@@ -353,6 +353,7 @@ class Supervisor(Lending, Placement):
             self.rec.end_turn()
         if self.front is not None:
             self.front.flush()
+        self.timings.tidy()
         if self.drained is not None and not self.runs:
             self.drained.set()
         if now >= self.beat_at:

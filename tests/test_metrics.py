@@ -110,10 +110,15 @@ def test_samples_keep_a_window_and_count_every_append_into_the_histogram() -> No
     s = Samples(maxlen=3)
     for v in (0.0001, 0.002, 0.3, 4.0, 100.0):
         s.append(v)
-    assert list(s) == [0.3, 4.0, 100.0]  # the window, for percentiles
-    snap = s.hist.snapshot()
+    assert s.recent() == [0.3, 4.0, 100.0]  # the window, for percentiles
+    snap = s.snapshot()
     assert snap["count"] == 5 and snap["sum"] == pytest.approx(104.3021)
     assert dict((b, n) for b, n in snap["buckets"])[0.0005] == 1 and dict((b, n) for b, n in snap["buckets"])[BOUNDS[-1]] == 4
+    for v in (0.0005, 0.0004, 61.0):  # a second batch adds to the first; a bound is inclusive
+        s.append(v)
+    snap = s.snapshot()
+    assert snap["count"] == 8 and dict((b, n) for b, n in snap["buckets"])[0.0005] == 3
+    assert s.recent() == [0.0005, 0.0004, 61.0]
 
 
 def test_timings_summary_carries_the_histograms() -> None:

@@ -262,16 +262,17 @@ class LocalBackend(Processes):
 
     def _drain(self, slot: _Slot, now: float) -> None:
         assert slot.ch is not None
-        for frame in slot.ch.outbound.take():
+        chunk, spans = slot.ch.outbound.read()
+        for start, end in spans:
             try:
-                k = frames.kind(frame)
+                frame, k = chunk, chunk[start]
                 if k == frames.SPILL:
-                    frame = bytes(oob.read(frames.spill_descriptor(frame), unlink_now=True)[0])
-                    k = frames.kind(frame)
-                if k == frames.HELLO:
-                    self._hello(slot, frames.decode_hello(frame))
-                elif k == frames.OUTCOMES:
-                    self._outcomes(slot, frames.decode_outcomes(frame), now)
+                    frame = bytes(oob.read(frames.spill_descriptor(chunk[start:end]), unlink_now=True)[0])
+                    start, end, k = 0, len(frame), frame[0]
+                if k == frames.OUTCOMES:
+                    self._outcomes(slot, frames.decode_outcomes(frame, start, end), now)
+                elif k == frames.HELLO:
+                    self._hello(slot, frames.decode_hello(frame[start:end]))
                 else:
                     raise ValueError(f"unknown frame kind {k}")
             except (ValueError, OSError) as e:  # a worker that writes garbage is broken
@@ -293,6 +294,7 @@ class LocalBackend(Processes):
         events = self.events
         out = slot.outstanding
         logs = self.log_jobs
+        ran = ended = 0
         for o in outcomes:
             status = o.status
             if status <= frames.PREEMPTED:  # OK, ERROR, PREEMPTED: the job left this worker
@@ -302,13 +304,15 @@ class LocalBackend(Processes):
                 self.by_job.pop(o.job_id, None)
                 if logs is not None:
                     logs.pop(o.job_id, None)
-                slot.track.discard(o.job_id)
-                slot.done += 1
-                self.length.observe(o.run_us)
+                if slot.track:
+                    slot.track.discard(o.job_id)
+                ran += o.run_us
+                ended += 1
                 buffers = oob.read(o.oob, unlink_now=True) if o.oob else []
                 # A job that finished before our kill landed is reported all the
                 # same: the supervisor knows whether it still wants the outcome.
-                slot.killing.pop(o.job_id, None)
+                if slot.killing:
+                    slot.killing.pop(o.job_id, None)
                 events.append(frames.new(Result, (o.job_id, status, o.run_us, o.payload, buffers)))
                 if status == frames.PREEMPTED:
                     slot.yield_job, slot.yield_deadline = 0, 0.0
@@ -336,6 +340,9 @@ class LocalBackend(Processes):
             elif status == frames.RECYCLE:
                 log.info("worker_recycle", worker=slot.index, pid=slot.pid, reason="memory")
                 self.retire(slot)
+        if ended:
+            slot.done += ended
+            self.length.observe(ran // ended)
         if slot.state == RETIRING and not out and slot.ch is not None and not slot.killing:
             self._stop(slot)
         elif self.config.max_tasks_per_child and slot.done >= self.config.max_tasks_per_child and slot.state == READY:

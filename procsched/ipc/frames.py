@@ -122,11 +122,14 @@ def encode_outcomes(outcomes: list[Outcome]) -> bytes:
     return b"".join(parts)
 
 
-def decode_outcomes(frame: bytes) -> list[Outcome]:
-    """Parse an outcome batch; raises ``ValueError`` on a malformed frame."""
+def decode_outcomes(frame: bytes, start: int = 0, end: int = -1) -> list[Outcome]:
+    """Parse an outcome batch (the one at ``frame[start:end]``); raises ``ValueError`` on a
+    malformed frame."""
+    if end < 0:
+        end = len(frame)
     try:
-        n = _COUNT.unpack_from(frame)[1]
-        pos = _COUNT.size
+        n = _COUNT.unpack_from(frame, start)[1]
+        pos = start + _COUNT.size
         out = []
         for _ in range(n):
             job_id, status, run_us, lp, lo, _r = _OUTCOME.unpack_from(frame, pos)
@@ -138,8 +141,8 @@ def decode_outcomes(frame: bytes) -> list[Outcome]:
             out.append(new(Outcome, (job_id, status, run_us, payload, oob)))
     except struct.error as e:
         raise ValueError(f"malformed outcome frame: {e}") from None
-    if pos != len(frame):
-        raise ValueError("malformed outcome frame: trailing bytes")
+    if pos != end:
+        raise ValueError("malformed outcome frame: trailing bytes" if pos < end else "malformed outcome frame: too short")
     return out
 
 

@@ -158,6 +158,30 @@ class Ring:
         self._w[self._it] = tail
         return out
 
+    def read(self) -> tuple[bytes, list[tuple[int, int]]]:
+        """Every published frame at once: one copy of them all and each one's ``(start, end)``
+        in it, oldest first; frees their room. (``take`` copies each frame apart.)"""
+        head = self._w[self._ih]
+        tail = self._tail
+        if head == tail:
+            return b"", []
+        data = self._data
+        cap = self._cap
+        a, b = tail % cap, head % cap
+        chunk = bytes(data[a:b]) if a < b else bytes(data[a:]) + bytes(data[:b])
+        spans = []
+        pos, size = 0, head - tail
+        while pos < size:
+            n = _U32.unpack_from(chunk, pos)[0]
+            if n == WRAP:  # the rest of the ring's end is padding: the next frame is at its start
+                pos = cap - a
+                continue
+            spans.append((pos + 4, pos + 4 + n))
+            pos += (n + 4 + 7) & ~7
+        self._tail = head
+        self._w[self._it] = head
+        return chunk, spans
+
     def prepare_sleep(self) -> bool:
         """Announce sleep; ``False`` (and no sleep) if data arrived meanwhile."""
         w = self._w
