@@ -182,7 +182,7 @@ class CallEncoder:
 
     def arguments(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], in_band: bool = False) -> tuple[bytes, list[pickle.PickleBuffer]]:
         """The pickled ``(args, kwargs)`` and the large buffers left out of it (none if ``in_band``)."""
-        if not kwargs and not in_band and all(type(a) in _SCALARS for a in args):
+        if not kwargs and not in_band and _SCALARS.issuperset(map(type, args)):
             return pickle.dumps((args, kwargs), 5), []  # nothing out of band, nothing of __main__
         buffers: list[pickle.PickleBuffer] = []
         if in_band:

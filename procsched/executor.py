@@ -130,17 +130,13 @@ class Pool(_Submitter, Controls, Executor):
         args_bytes, buffers = self._encoder.arguments(fn, args, kwargs)
         job_id = next(self._ids)
         desc = oob.write(f"{self._prefix}a{next(self._segments)}", buffers) if buffers else b""
-        fut = JobFuture()
-        fut.job_id = job_id
-        fut._lend = self._lend
+        fut = JobFuture(job_id, self._lend)
         if self._on_fetch is not None:
             fut._on_fetch = self._on_fetch
         return Job(job_id, fut, opts.name or label or _label(fn), fn_bytes, flags, args_bytes, desc, opts, key)
 
     def _new_future(self) -> JobFuture:
-        fut = JobFuture()
-        fut.job_id = next(self._ids)
-        fut._lend = self._lend
+        fut = JobFuture(next(self._ids), self._lend)
         if self._on_fetch is not None:
             fut._on_fetch = self._on_fetch
         return fut

@@ -26,20 +26,21 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import codec
 from .ipc import frames
 
 
-class Encoded:
-    """A job's pickled result, with its out-of-band buffers."""
+class Encoded(NamedTuple):
+    """A job's pickled result, with its out-of-band buffers (a tuple: the loop makes one per
+    job, and ``new(Encoded, (payload, buffers))`` makes it without a Python-level call)."""
 
-    __slots__ = ("payload", "buffers")
+    payload: bytes
+    buffers: Sequence[memoryview]
 
-    def __init__(self, payload: bytes, buffers: Sequence[memoryview]) -> None:
-        self.payload = payload
-        self.buffers = buffers
+
+new = tuple.__new__
 
 
 class EncodedError(Exception):
@@ -76,7 +77,9 @@ class JobFuture(Future):  # type: ignore[type-arg]
     #: sleeps (``lending.py``); None: wait as any future does
     _lend: Any = None
 
-    def __init__(self) -> None:  # Future.__init__ without its condition (see the module doc)
+    def __init__(self, job_id: int = 0, lend: Any = None) -> None:  # Future.__init__ without its condition (see the module doc)
+        self.job_id = job_id
+        self._lend = lend
         self._cond: threading.Condition | None = None
         self._lazy = _new_lock()  # guards the condition's creation and the settling without it
         self._state = PENDING

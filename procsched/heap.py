@@ -43,6 +43,13 @@ class _Lane:
         else:
             heapq.heappush(self.heap, entry)
 
+    def take(self, n: int) -> list[int]:
+        """Up to ``n`` entries, in order (the common case, no heap, in one comprehension)."""
+        run = self.run
+        if not self.heap:
+            return [run.popleft()[2] for _ in range(min(n, len(run)))]
+        return [self.pop() for _ in range(min(n, len(self)))]
+
     def pop(self) -> int:
         heap, run = self.heap, self.run
         if heap and (not run or heap[0] < run[0]):
@@ -85,6 +92,10 @@ class ReadyQueue:
     def push(self, job_id: int, priority: int, hot: bool, queued_at: float, front: bool = False) -> None:
         seq = next(self._front) if front else next(self._seq)
         self._lanes[0 if hot else 1].push((self.aging_rate * queued_at - priority, seq, job_id))
+
+    def take_cold(self, n: int) -> list[int]:
+        """The next ``n`` cold entries (fewer if the lane has fewer), in order."""
+        return self._lanes[1].take(n)
 
     def peek_hot(self) -> int | None:
         return self._lanes[0].peek()

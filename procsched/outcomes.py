@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import policy
 from .errors import JobTimeout, PoolError, WorkerCrashed
-from .futures import Encoded, EncodedError, describe
+from .futures import Encoded, EncodedError, describe, new
 from .ipc import frames
 from .jobs import Job, resolve
 from .log import get_logger
@@ -87,7 +87,7 @@ class Outcomes(Requests):
             elif status == frames.OK:
                 if self.rec is not None:
                     self.rec.succeeded(job, ev.payload, ev.buffers)
-                value = Encoded(ev.payload, ev.buffers)
+                value = new(Encoded, (ev.payload, ev.buffers))
                 self._settle(job, value, None)
                 self._finish(job, SUCCEEDED, value)
             elif status == frames.ERROR:

@@ -84,15 +84,19 @@ class Placement(Outcomes):
             return
         batch: list[frames.Dispatch] = []
         track: list[int] = []
-        while room and q.cold:
-            job = jobs.get(q.pop_cold())
-            if not self._claim(job):
-                continue
-            assert job is not None
-            batch.append(self._dispatch_frame(job))
-            if job.opts.timeout is not None:
-                track.append(job.run)
-            room -= 1
+        while room:
+            taken = q.take_cold(room)
+            if not taken:
+                break
+            for job_id in taken:
+                job = jobs.get(job_id)
+                if not self._claim(job):
+                    continue  # (taken again: room is what was placed)
+                assert job is not None
+                batch.append(self._dispatch_frame(job))
+                if job.opts.timeout is not None:
+                    track.append(job.run)
+                room -= 1
         if batch:
             backend.start(batch, track, booting)
             if self.rec is not None:  # after start: the record names the worker (a job given back is requeued)

@@ -150,8 +150,9 @@ class _Submitter:
             known = pool._keys.get(self._key)
             if known is not None:
                 return known
-        job = pool._make_job(self._opts, fn, args, kwargs, key=self._key)
-        self._stamp([job])
+        job = pool._make_job(self._opts, fn, args, kwargs, None, self._key)
+        if self._when is not None or self._deps:
+            self._stamp([job])
         if job.key is not None:
             winner = pool._keys.claim(job)
             if winner is not job.future:  # another thread submitted the key meanwhile

@@ -450,8 +450,10 @@ class Supervisor(Lending, Placement):
             return  # a prerequisite had failed: it is cancelled already
         if job.waiting:
             job.state = WAITING
-            return
-        self._ready(job, now)
+        elif job.not_before:
+            self._ready(job, now)
+        else:  # (_ready's common case inline: one call fewer per job)
+            self.queue.push(job.id, job.opts.priority, job.opts.hot, now)
 
     def _ready(self, job: Job, now: float) -> None:
         """Queue a job whose prerequisites are done (or that had none); a delayed one waits for its time."""

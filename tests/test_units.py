@@ -127,10 +127,16 @@ def test_queue_matches_a_sorted_model(seed: int) -> None:
             q.push(job_id, priority, hot=False, queued_at=now, front=to_front)
             front, seq = (front + 1, seq) if to_front else (front, seq + 1)
             model[job_id] = (rate * now - priority, front if to_front else seq)  # the module doc's key
-        elif op < 0.9:
+        elif op < 0.75:
             expected = min(model, key=model.__getitem__)
             assert q.pop_cold() == expected
             del model[expected]
+        elif op < 0.9:  # several at once, as a dispatch takes them
+            n = rng.choice([1, 3, 8])
+            expected_many = sorted(model, key=model.__getitem__)[:n]
+            assert q.take_cold(n) == expected_many
+            for job_id_taken in expected_many:
+                del model[job_id_taken]
         else:
             victim = rng.choice(sorted(model))
             assert q.remove(victim)

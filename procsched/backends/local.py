@@ -44,6 +44,7 @@ from . import Event, JobLength, Result, Returned, Started
 from .processes import BOOTING, DEAD, READY, RETIRING, Processes, _Slot, rss
 
 log = get_logger("procsched.workers")
+_NONE: list[memoryview] = []  # a result's out-of-band buffers when it has none (shared, never changed)
 
 
 
@@ -308,7 +309,7 @@ class LocalBackend(Processes):
                     slot.track.discard(o.job_id)
                 ran += o.run_us
                 ended += 1
-                buffers = oob.read(o.oob, unlink_now=True) if o.oob else []
+                buffers = oob.read(o.oob, unlink_now=True) if o.oob else _NONE
                 # A job that finished before our kill landed is reported all the
                 # same: the supervisor knows whether it still wants the outcome.
                 if slot.killing:
@@ -335,7 +336,7 @@ class LocalBackend(Processes):
                     if slot.yield_job and slot.yield_job not in out:
                         slot.yield_job, slot.yield_deadline = 0, 0.0
             elif status == frames.CHECKPOINT:
-                buffers = oob.read(o.oob, unlink_now=True) if o.oob else []
+                buffers = oob.read(o.oob, unlink_now=True) if o.oob else _NONE
                 events.append(Result(o.job_id, status, 0, o.payload, buffers))
             elif status == frames.RECYCLE:
                 log.info("worker_recycle", worker=slot.index, pid=slot.pid, reason="memory")
