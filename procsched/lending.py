@@ -62,9 +62,18 @@ if TYPE_CHECKING:
 else:
     import _signal  # the C module under signal.py: no enum per call
 
-_SIGINT = 2
 _INF = float("inf")
-_BACKSTOP_MS = 1000  # as the loop's own sleep (supervisor.py)
+# Longest sleep without a timer. Wakeups are event-driven; this only bounds
+# what a wakeup lost to an exception inside post() (Ctrl-C) or a weaker
+# memory order than the ring protocol assumes could cost.
+BACKSTOP_MS = 1000
+
+
+def sleep_ms(wake: float) -> int:
+    """``poll``'s timeout (an int32 of ms) to wake at ``wake`` (monotonic; inf: no timer)."""
+    if wake == _INF:
+        return BACKSTOP_MS
+    return min(BACKSTOP_MS, max(0, int((wake - time.monotonic()) * 1000) + 1))
 
 
 class Lending:
@@ -165,7 +174,7 @@ class Lending:
                     if end <= wake:
                         return  # the caller's timeout
                     continue  # a timer: the next turn fires it
-                ms = _BACKSTOP_MS if wake == _INF else min(_BACKSTOP_MS, int(left * 1000) + 1)
+                ms = sleep_ms(wake)
             guard.open()  # a signal while we sleep is the caller's, as it would be
             ready = poller.poll(ms)
             guard.close()

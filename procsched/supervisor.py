@@ -24,7 +24,7 @@ the backend, so a late event from an abandoned run (a killed worker, a
 retried job) is recognised and ignored. The loop sleeps in one ``poll``
 over the doorbell (rung by workers and by ``post``) and every worker's
 pidfd, with the timeout set to the next timer (or a 1 s backstop, see
-``_BACKSTOP_MS``); work and deaths wake it, it does not poll for them.
+``lending.BACKSTOP_MS``); work and deaths wake it, it does not poll for them.
 
 The loop is one role that one thread at a time plays, the holder of
 ``baton``: the supervisor's thread, except while it sleeps, when a caller
@@ -78,7 +78,7 @@ from .journal import records as r
 from .log import get_logger
 from .model import PENDING, QUEUED, JournalConfig, PoolConfig
 from .ledger import DeadLetter, DeadLetters, Timings
-from .lending import Lending
+from .lending import Lending, sleep_ms
 from .recorder import Recorder
 from .outcomes import _CRON, _DUE, _RETRY
 from .placement import Placement
@@ -88,10 +88,6 @@ from .backends import Backend, Local, Spec
 
 log = get_logger("procsched.supervisor")
 
-# Longest sleep without a timer. Wakeups are event-driven; this only bounds
-# what a wakeup lost to an exception inside post() (Ctrl-C) or a weaker
-# memory order than the ring protocol assumes could cost.
-_BACKSTOP_MS = 1000
 
 
 class Supervisor(Lending, Placement):
@@ -313,8 +309,7 @@ class Supervisor(Lending, Placement):
                 self.sleeping = False
                 backend.woke()
                 continue
-            # no timer: a lost wakeup still costs at most the backstop (poll takes an int32)
-            timeout = _BACKSTOP_MS if wake == float("inf") else min(_BACKSTOP_MS, max(0, int((wake - time.monotonic()) * 1000) + 1))
+            timeout = sleep_ms(wake)  # (no timer: a lost wakeup still costs at most the backstop)
             self.loop_wake, lends = wake, self.lends
             self.holder = 0
             baton.release()  # asleep, the loop may be borrowed (lending.py)

@@ -45,6 +45,7 @@ from .processes import BOOTING, DEAD, READY, RETIRING, Processes, _Slot, rss
 
 log = get_logger("procsched.workers")
 _NONE: list[memoryview] = []  # a result's out-of-band buffers when it has none (shared, never changed)
+new, PREEMPTED = frames.new, frames.PREEMPTED  # (per outcome: a global, not an attribute)
 
 
 
@@ -298,15 +299,13 @@ class LocalBackend(Processes):
         ran = ended = 0
         for o in outcomes:
             status = o.status
-            if status <= frames.PREEMPTED:  # OK, ERROR, PREEMPTED: the job left this worker
+            if status <= PREEMPTED:  # OK, ERROR, PREEMPTED: the job left this worker
                 if not out or out[0] != o.job_id:
                     raise ValueError(f"outcome for job {o.job_id} out of order")
                 out.popleft()
                 self.by_job.pop(o.job_id, None)
                 if logs is not None:
                     logs.pop(o.job_id, None)
-                if slot.track:
-                    slot.track.discard(o.job_id)
                 ran += o.run_us
                 ended += 1
                 buffers = oob.read(o.oob, unlink_now=True) if o.oob else _NONE
@@ -314,12 +313,13 @@ class LocalBackend(Processes):
                 # same: the supervisor knows whether it still wants the outcome.
                 if slot.killing:
                     slot.killing.pop(o.job_id, None)
-                events.append(frames.new(Result, (o.job_id, status, o.run_us, o.payload, buffers)))
-                if status == frames.PREEMPTED:
+                events.append(new(Result, (o.job_id, status, o.run_us, o.payload, buffers)))
+                if status == PREEMPTED:
                     slot.yield_job, slot.yield_deadline = 0, 0.0
-                slot.head_since = now
-                if out and out[0] in slot.track:
-                    events.append(Started(out[0], now))
+                if slot.track:  # (runs with a timeout: the next one's clock starts now)
+                    slot.track.discard(o.job_id)
+                    if out and out[0] in slot.track:
+                        events.append(Started(out[0], now))
             elif status == frames.RETURNED:
                 if o.job_id in slot.stolen:  # reported returned when it was taken back
                     slot.stolen.discard(o.job_id)
@@ -343,6 +343,7 @@ class LocalBackend(Processes):
                 self.retire(slot)
         if ended:
             slot.done += ended
+            slot.head_since = now
             self.length.observe(ran // ended)
         if slot.state == RETIRING and not out and slot.ch is not None and not slot.killing:
             self._stop(slot)
