@@ -1,4 +1,9 @@
-"""Lending the loop: a caller's thread runs the supervisor's turns while the loop's thread sleeps.
+"""How other threads reach the supervisor's loop: they post to it, wake it, or borrow it.
+
+``Lending`` is a part of :class:`~procsched.supervisor.Supervisor` kept in a
+module of its own (a mixin: the same object). ``post()`` hands the loop a
+job or a request and rings whoever runs the loop if it sleeps (``sleeper``);
+``lend_turn()`` and ``lend()`` let a caller run the loop itself.
 
 The loop is a role, not a thread: whoever holds ``baton`` runs it, one
 holder at a time, and all of the loop's state is touched only under it. The
@@ -52,6 +57,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, cast
 
+from .errors import PoolError
+from .jobs import Job
+
 if TYPE_CHECKING:
     import signal as _signal
     from collections import deque
@@ -91,6 +99,9 @@ class Lending:
     idle: bool
     intake: deque[Any]
     closing: bool
+    ended: bool
+    crashed: BaseException | None
+    _ended_lock: threading.Lock
     now: float
     backend: Backend
 
@@ -98,7 +109,72 @@ class Lending:
 
         def _turn(self, now: float, ready: list[tuple[int, int]]) -> None: ...
         def _next_wake(self) -> float: ...
-        def _ring(self) -> None: ...
+
+    def post(self, message: Any, borrow: bool = False) -> bool:
+        """Hand a Job, a list of Jobs, or a control tuple to the loop.
+
+        Jobs come only while the pool is open, so the loop is running. A
+        control message may come after the loop has ended and closed its
+        doorbell; it is dropped then (under ``_ended_lock``, so the ring can
+        never hit a closed fd whose number was reused).
+
+        With ``borrow``, jobs posted while the loop sleeps and a worker is idle
+        wake nobody: the answer is True, and the caller runs the turn that
+        places them itself (``lend_turn``), once it holds no lock of its own.
+        """
+        if type(message) is tuple:
+            with self._ended_lock:
+                if not self.ended:
+                    self.intake.append(message)
+                    # Always ring: if an exception (Ctrl-C) struck a poster between
+                    # the two lines below, this still wakes the loop.
+                    self.sleeping = False
+                    self.sleeper.ring()
+                    return False
+            if message[0] == "jobs":  # jobs after all (fsync="always"): their futures fail
+                self.intake.append(message)
+                self._refuse_intake()
+            return False
+        self.intake.append(message)
+        if self.ended:
+            self._refuse_intake()
+        elif self.sleeping:
+            if borrow and self.idle and self.lendable:
+                return True
+            self._ring()
+        return False
+
+    def _ring(self) -> None:
+        """Wake whoever runs the loop, if it sleeps.
+
+        One ring per sleep: posts that race this one see False and skip the
+        syscall (a rare double ring is harmless). Under the lock, as a loop
+        that crashed while asleep closes the doorbell under it.
+        """
+        if self.sleeping:
+            self.sleeping = False
+            with self._ended_lock:
+                if not self.ended:
+                    self.sleeper.ring()
+
+    def _refuse_intake(self) -> None:
+        """Fail jobs posted after the loop ended (possible only when it crashed).
+
+        Called by the loop as it ends and by ``post`` when it finds the loop
+        ended: under the GIL one of the two always sees a racing job.
+        """
+        while self.intake:
+            try:
+                msg = self.intake.popleft()
+            except IndexError:
+                return
+            if type(msg) is tuple and msg[0] == "jobs":
+                msg[2].set()  # the submitter sees its futures fail
+                msg = msg[1]
+            for job in msg if type(msg) is list else (msg,) if type(msg) is Job else ():
+                if job.future.set_running_or_notify_cancel():
+                    job.future.set_exception(PoolError(f"the pool's supervisor crashed: {self.crashed!r}"))
+                job.release_args()
 
     def on_loop(self) -> bool:
         """Whether the calling thread is running the loop now (a done-callback, say)."""

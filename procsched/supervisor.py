@@ -89,7 +89,6 @@ from .backends import Backend, Local, Spec
 log = get_logger("procsched.supervisor")
 
 
-
 class Supervisor(Lending, Placement):
     def __init__(self, config: PoolConfig, prefix: str, journal: JournalConfig | None = None, backend: Spec | None = None) -> None:
         self.config = config
@@ -197,56 +196,9 @@ class Supervisor(Lending, Placement):
                 raise
             self.first_job_id = self.rec.journal.state.next_job
 
-    # -- the only entry points for other threads ------------------------------
+    # -- the only entry points for other threads: start, and post() or lend() (lending.py)
     def start(self) -> None:
         self.thread.start()
-
-    def post(self, message: Any, borrow: bool = False) -> bool:
-        """Hand a Job, a list of Jobs, or a control tuple to the loop.
-
-        Jobs come only while the pool is open, so the loop is running. A
-        control message may come after the loop has ended and closed its
-        doorbell; it is dropped then (under ``_ended_lock``, so the ring can
-        never hit a closed fd whose number was reused).
-
-        With ``borrow``, jobs posted while the loop sleeps and a worker is idle
-        wake nobody: the answer is True, and the caller runs the turn that
-        places them itself (``lend_turn``), once it holds no lock of its own.
-        """
-        if type(message) is tuple:
-            with self._ended_lock:
-                if not self.ended:
-                    self.intake.append(message)
-                    # Always ring: if an exception (Ctrl-C) struck a poster between
-                    # the two lines below, this still wakes the loop.
-                    self.sleeping = False
-                    self.sleeper.ring()
-                    return False
-            if message[0] == "jobs":  # jobs after all (fsync="always"): their futures fail
-                self.intake.append(message)
-                self._refuse_intake()
-            return False
-        self.intake.append(message)
-        if self.ended:
-            self._refuse_intake()
-        elif self.sleeping:
-            if borrow and self.idle and self.lendable:
-                return True
-            self._ring()
-        return False
-
-    def _ring(self) -> None:
-        """Wake whoever runs the loop, if it sleeps.
-
-        One ring per sleep: posts that race this one see False and skip the
-        syscall (a rare double ring is harmless). Under the lock, as a loop
-        that crashed while asleep closes the doorbell under it.
-        """
-        if self.sleeping:
-            self.sleeping = False
-            with self._ended_lock:
-                if not self.ended:
-                    self.sleeper.ring()
 
     # -- the loop -------------------------------------------------------------
     def _main(self) -> None:
@@ -268,25 +220,6 @@ class Supervisor(Lending, Placement):
             self._refuse_intake()
             if self.on_end is not None:
                 self.on_end()
-
-    def _refuse_intake(self) -> None:
-        """Fail jobs posted after the loop ended (possible only when it crashed).
-
-        Called by the loop as it ends and by ``post`` when it finds the loop
-        ended: under the GIL one of the two always sees a racing job.
-        """
-        while self.intake:
-            try:
-                msg = self.intake.popleft()
-            except IndexError:
-                return
-            if type(msg) is tuple and msg[0] == "jobs":
-                msg[2].set()  # the submitter sees its futures fail
-                msg = msg[1]
-            for job in msg if type(msg) is list else (msg,) if type(msg) is Job else ():
-                if job.future.set_running_or_notify_cancel():
-                    job.future.set_exception(PoolError(f"the pool's supervisor crashed: {self.crashed!r}"))
-                job.release_args()
 
     def _loop(self) -> None:
         backend = self.backend
