@@ -81,9 +81,12 @@ def stamp(_: Any = None) -> int:
     return time.monotonic_ns()
 
 
-def tiny(i: int, mark_at: int, mark: str) -> int:
+def tiny(i: int, mark_at: int, mark: str, gate: str = "") -> int:
+    """A stamp; job ``mark_at`` also says it runs (``mark``), then waits for ``gate``, if any."""
     if i == mark_at:
         _touch(mark)
+        if gate:
+            await_file(gate, JOB_WAIT)
     return time.monotonic_ns()
 
 
@@ -311,11 +314,13 @@ def test_urgent_job_not_stuck_behind_a_prefetched_backlog(tmp_path: Path) -> Non
     bound = 2 * (config.max_prefetch + 1) + 1  # what the worker held, plus one dispatch round
     with procsched.Pool(1) as pool, gates(tmp_path) as g:
         held, release = hold(pool, g)
-        backlog = [pool.submit(tiny, i, warm, mark) for i in range(n)]  # one job each
+        pause = g.gate("pause")  # job `warm` holds the backlog up until the urgent one is in
+        backlog = [pool.submit(tiny, i, warm, mark, pause) for i in range(n)]  # one job each
         g.open(release)
         wait_for(lambda: os.path.exists(mark), WAIT, "the backlog to be flowing")
         submitted = time.monotonic_ns()
         urgent = pool.options(priority=10).submit(stamp)
+        g.open(pause)
         ran_at = urgent.result(timeout=WAIT)
         stamps = [f.result(timeout=WAIT) for f in backlog]
         held.result(timeout=WAIT)

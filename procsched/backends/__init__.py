@@ -178,6 +178,14 @@ class Lendable(Backend, Protocol):
         """Have the executors ring the lent doorbell (True) or the loop's own (False)."""
         ...
 
+    def spin_for(self) -> float:
+        """Seconds a borrower may watch for an outcome before it sleeps (0: sleep at once)."""
+        ...
+
+    def watch(self, until: float, intake: Any) -> bool:
+        """Watch for an outcome (or a post in ``intake``) until ``until``: whether one came."""
+        ...
+
 
 # -- choosing one ----------------------------------------------------------------------
 class Local:

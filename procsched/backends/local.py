@@ -255,6 +255,29 @@ class LocalBackend(Processes):
             if slot.ch is not None:
                 slot.ch.outbound.woke()
 
+    def spin_for(self) -> float:
+        """How long a borrower of the loop may watch the rings before it sleeps: ``idle_spin``
+        while jobs are known to take less than that, else nothing (a long job's outcome is
+        not worth the CPU, nor the GIL held meanwhile)."""
+        length = self.length.seconds
+        spin = self.config.idle_spin
+        return spin if length is not None and length < spin else 0.0
+
+    def watch(self, until: float, intake: Any) -> bool:
+        """Watch the rings of the busy workers until ``until`` (monotonic), or until one has
+        an outcome or ``intake`` has a post: whether something came."""
+        rings = [s.ch.outbound for s in self.slots if s.outstanding and s.ch is not None]
+        if not rings:
+            return False
+        clock = time.monotonic
+        while clock() < until:
+            for ring in rings:
+                if ring.has_data():
+                    return True
+            if intake:
+                return True
+        return False
+
     def lend(self, lent: bool) -> None:
         """Have workers ring the lent doorbell (``True``) or the loop thread's."""
         self.lent = int(lent)
