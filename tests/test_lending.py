@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -286,3 +287,30 @@ def test_a_storm_of_ctrl_c_leaves_the_loop_sound(tmp_path: Path) -> None:
     proc = _run(tmp_path, CTRL_C_STORM)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("ok"), proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_watching_the_rings_sees_an_outcome_a_post_or_nothing(tmp_path: Path) -> None:
+    # What a borrower does before it sleeps (backends/local.py: watch): it returns as soon
+    # as a busy worker's ring has an outcome or the intake has a post, and not before.
+    from collections import deque
+
+    gate = str(tmp_path / "gate")
+    with procsched.Pool(1) as pool:
+        backend = pool._sup.backend
+        assert backend.watch(time.monotonic() + 5.0, deque()) is False  # no worker busy: nothing to wait for
+        f = pool.submit(gated, gate, 1)
+        wait_for(lambda: os.path.exists(f"{gate}.started"), RESULT, "the job to start")
+        t0 = time.monotonic()
+        assert backend.watch(t0 + 0.05, deque()) is False
+        assert time.monotonic() - t0 >= 0.05
+        assert backend.watch(time.monotonic() + 5.0, deque(["a post"])) is True
+        pool._sup.baton.acquire()  # (the loop must not take the outcome first)
+        try:
+            Path(gate).touch()
+            t0 = time.monotonic()
+            assert backend.watch(t0 + RESULT, deque()) is True
+            assert time.monotonic() - t0 < RESULT / 2
+        finally:
+            pool._sup.baton.release()
+        assert f.result(timeout=RESULT) == 1
