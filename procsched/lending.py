@@ -239,7 +239,7 @@ class Lending:
         while self._borrowed_turn(ready) and not fut.done() and self.lendable and not self.closing:
             ready = []
             spin = backend.spin_for()
-            if spin and backend.watch(min(time.monotonic() + spin, end), self.intake):
+            if spin and backend.watch(min(time.monotonic() + spin, end), self.intake) is not None:
                 continue  # an outcome (or a post) came while we watched: no one rang, no one slept
             wake = min(self._next_wake(), end)
             self.sleeping = True

@@ -66,7 +66,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from .errors import PoolError
 from .futures import JobFuture
@@ -84,7 +84,7 @@ from .outcomes import _CRON, _DUE, _RETRY
 from .placement import Placement
 from .requests import WAITING
 from .schedules import Schedules
-from .backends import Backend, Local, Spec
+from .backends import Backend, Lendable, Local, Spec
 
 log = get_logger("procsched.supervisor")
 
@@ -224,6 +224,7 @@ class Supervisor(Lending, Placement):
     def _loop(self) -> None:
         backend = self.backend
         poller = backend.poller
+        watcher = cast("Lendable", backend) if backend.lendable else None
         baton = self.baton
         baton.acquire()  # (kept once the loop ends: nobody can borrow an ended loop)
         self.holder = threading.get_ident()
@@ -234,6 +235,16 @@ class Supervisor(Lending, Placement):
             self._turn(now, ready)
             if self.closing and not self.jobs and not self.intake:
                 break
+            if self.front is not None and watcher is not None and (spin := watcher.spin_for()):
+                # The service's loop shares its GIL with no caller: with short jobs about, it
+                # watches the rings and the sockets a while before it sleeps, so the next
+                # outcome or request needs no wake-up (see lending.py for the embedded pool's)
+                seen = watcher.watch(time.monotonic() + spin, self.intake, poller)
+                if seen is not None:
+                    if any(fd == self.bell.read_fd for fd, _ in seen):
+                        self.bell.drain()  # (or every later watch would see it rung)
+                    ready = seen
+                    continue
             wake = self._next_wake()
             self.sleeping = True
             self.idle = backend.idle_workers() > 0

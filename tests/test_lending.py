@@ -298,18 +298,18 @@ def test_watching_the_rings_sees_an_outcome_a_post_or_nothing(tmp_path: Path) ->
     gate = str(tmp_path / "gate")
     with procsched.Pool(1) as pool:
         backend = pool._sup.backend
-        assert backend.watch(time.monotonic() + 5.0, deque()) is False  # no worker busy: nothing to wait for
+        assert backend.watch(time.monotonic() + 5.0, deque()) is None  # no worker busy: nothing to wait for
         f = pool.submit(gated, gate, 1)
         wait_for(lambda: os.path.exists(f"{gate}.started"), RESULT, "the job to start")
         t0 = time.monotonic()
-        assert backend.watch(t0 + 0.05, deque()) is False
+        assert backend.watch(t0 + 0.05, deque()) is None
         assert time.monotonic() - t0 >= 0.05
-        assert backend.watch(time.monotonic() + 5.0, deque(["a post"])) is True
+        assert backend.watch(time.monotonic() + 5.0, deque(["a post"])) == []
         pool._sup.baton.acquire()  # (the loop must not take the outcome first)
         try:
             Path(gate).touch()
             t0 = time.monotonic()
-            assert backend.watch(t0 + RESULT, deque()) is True
+            assert backend.watch(t0 + RESULT, deque()) == []
             assert time.monotonic() - t0 < RESULT / 2
         finally:
             pool._sup.baton.release()

@@ -371,3 +371,31 @@ def test_socket_activation_serves_the_socket_systemd_passed(tmp_path: Path) -> N
         assert os.path.exists(path)  # the socket file is systemd's: it outlives the service
     finally:
         svc.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_service_sleeps_after_watching_for_more_short_jobs(tmp_path: Path) -> None:
+    # With short jobs about, the service's loop watches its rings and sockets a while
+    # before it sleeps (supervisor.py). Whatever rings its doorbell meanwhile (here a
+    # reload, posted by the service's main thread while jobs run) must not keep it
+    # watching for ever: once idle, it uses no CPU.
+    svc = Service(tmp_path, workers=None, config="[pool]\nmax_workers = 2\n")
+    with svc, procsched.connect(svc.address, progress=False) as client:
+        assert svc.proc is not None
+        for limit in (7, 8, 9):
+            futures = [client.submit(square, x) for x in range(2000)]
+            Path(svc.config_path).write_text(f"[pool]\nmax_workers = 2\nmax_tasks_per_child = {limit * 1000}\n")
+            svc.proc.send_signal(signal.SIGHUP)
+            assert [f.result(timeout=30) for f in futures] == [x * x for x in range(2000)]
+        wait_for(lambda: svc.output().count('"reloaded"') == 3, 10, "the three reloads")
+        assert client.submit(square, 3).result(timeout=30) == 9  # (the loop has taken the last one in)
+        before = _cpu_seconds(svc.proc.pid)
+        time.sleep(1.0)  # (a window in which an idle service must not work)
+        used = _cpu_seconds(svc.proc.pid) - before
+    assert used < 0.2, f"an idle service used {used:.2f} s of CPU in a second"

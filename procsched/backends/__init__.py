@@ -182,8 +182,9 @@ class Lendable(Backend, Protocol):
         """Seconds a borrower may watch for an outcome before it sleeps (0: sleep at once)."""
         ...
 
-    def watch(self, until: float, intake: Any) -> bool:
-        """Watch for an outcome (or a post in ``intake``) until ``until``: whether one came."""
+    def watch(self, until: float, intake: Any, poller: Any = None) -> list[tuple[int, int]] | None:
+        """Watch for an outcome (a post in ``intake``, an fd ``poller`` reports) until ``until``:
+        None if nothing came."""
         ...
 
 

@@ -263,20 +263,25 @@ class LocalBackend(Processes):
         spin = self.config.idle_spin
         return spin if length is not None and length < spin else 0.0
 
-    def watch(self, until: float, intake: Any) -> bool:
+    def watch(self, until: float, intake: Any, poller: Any = None) -> list[tuple[int, int]] | None:
         """Watch the rings of the busy workers until ``until`` (monotonic), or until one has
-        an outcome or ``intake`` has a post: whether something came."""
+        an outcome or ``intake`` has a post; with a ``poller``, also until it reports an fd
+        ready (a client's socket). None if nothing came, else what the poller saw."""
         rings = [s.ch.outbound for s in self.slots if s.outstanding and s.ch is not None]
-        if not rings:
-            return False
+        if not rings and poller is None:
+            return None
         clock = time.monotonic
         while clock() < until:
             for ring in rings:
                 if ring.has_data():
-                    return True
+                    return []
             if intake:
-                return True
-        return False
+                return []
+            if poller is not None:
+                ready = poller.poll(0)
+                if ready:
+                    return ready  # type: ignore[no-any-return]
+        return None
 
     def lend(self, lent: bool) -> None:
         """Have workers ring the lent doorbell (``True``) or the loop thread's."""
