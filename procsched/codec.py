@@ -134,15 +134,16 @@ class CallEncoder:
     def __init__(self) -> None:
         self._fn_cache: weakref.WeakKeyDictionary[Any, tuple[Any, bytes]] = weakref.WeakKeyDictionary()
         self._builtins: dict[Any, bytes] = {}
-        # the last function pickled by reference, and its answer: a batch of submits of one
-        # function skips the weak dictionary (its get is Python code) after the first
-        self._last: Any = None
-        self._last_answer = (b"", 0)
+        # the last function pickled by reference, with its answer (one tuple: read whole by
+        # any thread): a batch of submits of one function skips the weak dictionary (its get
+        # is Python code) after the first
+        self._last: tuple[Any, tuple[bytes, int]] = (None, (b"", 0))
 
     def function(self, fn: Callable[..., Any]) -> tuple[bytes, int]:
         """The pickled function and its dispatch flags."""
-        if fn is self._last:
-            return self._last_answer
+        last, answer = self._last
+        if fn is last:
+            return answer
         if type(fn) is not types.FunctionType:
             if type(fn) is types.BuiltinFunctionType and isinstance(getattr(fn, "__self__", None), types.ModuleType):
                 data = self._builtins.get(fn)  # a C function of a module (operator.mul, math.sqrt): by name
@@ -156,8 +157,8 @@ class CallEncoder:
         if hit is not None:
             key, data = hit
             if key is None:
-                self._last, self._last_answer = fn, (data, frames.F_FN_CACHEABLE)
-                return self._last_answer
+                self._last = (fn, (data, frames.F_FN_CACHEABLE))
+                return data, frames.F_FN_CACHEABLE
             if key[1] == _fingerprint(fn, key[0]):
                 return data, frames.F_FN_CACHEABLE
         if _by_reference(fn):
@@ -167,8 +168,8 @@ class CallEncoder:
                 pass
             else:
                 self._fn_cache[fn] = (None, data)
-                self._last, self._last_answer = fn, (data, frames.F_FN_CACHEABLE)
-                return self._last_answer
+                self._last = (fn, (data, frames.F_FN_CACHEABLE))
+                return data, frames.F_FN_CACHEABLE
         names = _global_names(fn.__code__)
         data = self._pickle_function(fn)
         self._fn_cache[fn] = ((names, _fingerprint(fn, names)), data)

@@ -102,11 +102,6 @@ class JobFuture(Future):  # type: ignore[type-arg]
 
     # -- the supervisor's side: lock-light while nobody watches ----------------
     def set_running_or_notify_cancel(self) -> bool:
-        if self._cond is None:  # (the common case inline: the loop calls this once per job)
-            with self._lazy:
-                if self._cond is None and self._state == PENDING:
-                    self._state = RUNNING
-                    return True
         running = self._set_running()
         if not running and self._on_settle is not None:
             self._on_settle(self)
@@ -125,14 +120,7 @@ class JobFuture(Future):  # type: ignore[type-arg]
         return super().set_running_or_notify_cancel()
 
     def set_result(self, result: Any) -> None:
-        settled = False
-        if self._cond is None:  # (``_settle`` inline: the loop calls this once per job)
-            with self._lazy:
-                if self._cond is None and self._state not in _DONE:
-                    self._result = result
-                    self._state = FINISHED
-                    settled = True
-        if not settled:
+        if not self._settle(result, None):
             super().set_result(result)
         if self._on_settle is not None:
             self._on_settle(self)

@@ -172,7 +172,8 @@ class Samples:
     def snapshot(self) -> dict[str, Any]:
         """The histogram's :meth:`Histogram.snapshot`, with every sample appended so far."""
         self.fold()
-        return self.hist.snapshot()
+        with self._lock:  # (a fold on the loop meanwhile would tear its count from its sum)
+            return self.hist.snapshot()
 
 
 class Timings:

@@ -104,7 +104,9 @@ class Placement(Outcomes):
                     self.rec.dispatched(self.runs[d.job_id], backend.worker_of(d.job_id))
 
     def _preempt(self, waiting: int, now: float) -> None:
-        need = waiting - len(self.yielding)
+        # Executors already coming free (a worker that yielded or was killed for a hot
+        # job, starting again or giving its prefetch back) count: one hot job, one victim.
+        need = waiting - len(self.yielding) - self.backend.coming_free()
         if need <= 0:
             return
         victims = [
@@ -113,9 +115,12 @@ class Placement(Outcomes):
             if rid in self.runs and not self.runs[rid].opts.hot and rid not in self.yielding
         ]
         victims.sort(key=lambda j: self.queue.rank(j.opts.priority, j.queued_at), reverse=True)
-        for job in victims[:need]:
+        for job in victims:
+            if need <= 0:
+                break
             grace = self.config.preempt_grace if job.opts.preempt == "kill" else None
-            if self.backend.request_yield(job.run, grace, now):
+            if self.backend.request_yield(job.run, grace, now):  # (refused: the next one is asked)
+                need -= 1
                 self.yielding.add(job.run)
                 log.info("preempt", job=job.id, name=job.label, attempt=job.attempt, policy=job.opts.preempt)
 

@@ -145,9 +145,9 @@ class Worker:
                 self.recall()
                 continue
             if not self.pending:
-                got = inbound.take()
-                if got:
-                    if not self.accept(got):
+                chunk, spans = inbound.read()
+                if spans:
+                    if not self.accept(chunk, spans):
                         return
                     continue
                 if spin and self.spin(spin):
@@ -189,23 +189,19 @@ class Worker:
             pause()
         return False
 
-    def accept(self, got: list[bytes]) -> bool:
-        """Queue the jobs of the frames taken; ``False`` on STOP."""
-        for frame in got:
-            k = frames.kind(frame)
-            if k == frames.SPILL:
-                desc = frames.spill_descriptor(frame)
-                frame = bytes(oob.read(desc, unlink_now=True)[0])
-                k = frames.kind(frame)
+    def accept(self, chunk: bytes, spans: list[tuple[int, int]]) -> bool:
+        """Queue the jobs of the frames read (``Ring.read``); ``False`` on STOP."""
+        for start, end in spans:
+            frame, start, end, k = frames.unspill(chunk, start, end)
             if k == frames.RUN:
-                self.pending.extend(frames.decode_run(frame))
+                self.pending.extend(frames.decode_run(frame, start))
             elif k == frames.STOP:
                 return False
         return True
 
     def recall(self) -> None:
         self.recall_seen = self.ch.words[W_RECALL]
-        if self.accept(self.ch.inbound.take()) is False:
+        if self.accept(*self.ch.inbound.read()) is False:
             self.ch.words[W_STOP] = 1
         back = [frames.Outcome(d.job_id, frames.RETURNED, 0, b"", b"") for d in self.pending]
         self.pending.clear()

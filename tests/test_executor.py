@@ -606,6 +606,74 @@ def test_jobs_queued_behind_a_long_job_move_to_an_idle_worker(tmp_path: Path) ->
         assert first.result(timeout=WAIT) == "blocker"
 
 
+def _worker_of(pool: procsched.Pool, fut: cf.Future[Any]) -> int | None:
+    """Which worker holds a job now (None: not placed on one)."""
+    job = pool._sup.jobs.get(fut.job_id)  # type: ignore[attr-defined]
+    return pool._sup.backend.worker_of(job.run) if job is not None and job.run else None
+
+
+@pytest.mark.timeout(60)
+def test_cancelling_a_job_queued_behind_a_long_one_lets_the_rest_move_on(tmp_path: Path) -> None:
+    # Two workers, both inside jobs that block; short jobs are prefetched behind both.
+    # Cancelling one queued behind the long job takes back everything behind it: the
+    # cancelled one ends cancelled, and the others run on the other worker once it is free,
+    # not after the long job.
+    # (a generous prefetch_s: a worker's first job imports this module and skews how long
+    # jobs seem, which would otherwise leave the short ones unprefetched)
+    with procsched.Pool(2, prefetch_s=1.0) as pool, Gate(tmp_path, "long") as long_gate, Gate(tmp_path, "short") as short_gate:
+        warm_up(pool, 200)
+        long_job = start_blocker(pool, long_gate, "long")
+        short_job = start_blocker(pool, short_gate, "short")
+        quick = [pool.submit(square, i) for i in range(40)]
+        held_by_long = _worker_of(pool, long_job)
+        behind = wait_for(lambda: [f for f in quick if _worker_of(pool, f) == held_by_long], WAIT, "a quick job behind the long one")
+        assert isinstance(behind, list)
+        victim = behind[-1]
+        assert pool.cancel(victim) is True
+        short_gate.open()
+        rest = [f for f in quick if f is not victim]
+        assert [f.result(timeout=WAIT) for f in rest] == [i * i for i, f in enumerate(quick) if f is not victim]
+        assert victim.cancelled()
+        assert not long_job.done()  # (the rest did not wait for it)
+        long_gate.open()
+        assert long_job.result(timeout=WAIT) == "long" and short_job.result(timeout=WAIT) == "short"
+
+
+def ran_then_marked(started: str, done: str) -> str:
+    Path(started).touch()
+    time.sleep(0.05)
+    Path(done).touch()
+    return "ran"
+
+
+@pytest.mark.timeout(60)
+def test_cancelling_a_job_that_ran_says_so_even_before_its_outcome_is_read(tmp_path: Path) -> None:
+    # A job's outcome is in its worker's ring, not yet read by the loop, and the worker has
+    # begun the next job: a cancel of the first must answer False (it ran), not take it back.
+    a_started, a_done = str(tmp_path / "a.started"), str(tmp_path / "a.done")
+    with procsched.Pool(1) as pool, Gate(tmp_path) as gate:
+        warm_up(pool, 50)
+        first = pool.submit(ran_then_marked, a_started, a_done)
+        wait_for(lambda: os.path.exists(a_started), WAIT, "the first job to start")
+        second = pool.submit(blocker, str(tmp_path / "b.started"), str(gate), "second")
+        wait_for(second.running, WAIT, "the second job to be placed on the worker")
+        sup = pool._sup
+        sup.baton.acquire()  # the loop runs no turn: the first job's outcome stays unread
+        try:
+            wait_for(lambda: (tmp_path / "b.started").exists(), WAIT, "the second job to start")
+            answers: list[bool] = []
+            asking = threading.Thread(target=lambda: answers.append(pool.cancel(first)))
+            asking.start()
+            wait_for(lambda: sup.intake, WAIT, "the cancel to be posted")
+        finally:
+            sup.baton.release()
+        asking.join(WAIT)
+        assert answers == [False]
+        assert first.result(timeout=WAIT) == "ran"
+        gate.open()
+        assert second.result(timeout=WAIT) == "second"
+
+
 # -- job options -------------------------------------------------------------
 
 

@@ -763,6 +763,19 @@ def measure(data: bytes) -> int:
     return len(data)
 
 
+def reversed_list(items: list[int]) -> list[int]:
+    return items[::-1]
+
+
+@pytest.mark.timeout(30)
+def test_frames_larger_than_the_ring_allows_travel_out_of_band_both_ways() -> None:
+    # A call and a result too large for a 64 KiB ring (and not buffers, which travel out
+    # of band anyway): each frame goes through a shared-memory segment instead (SPILL).
+    items = list(range(60_000))  # ~300 KB pickled
+    with procsched.Pool(1, ring_bytes=65536) as pool:
+        futs = [pool.submit(reversed_list, items) for _ in range(3)] + [pool.submit(square, 5)]
+        assert [f.result(timeout=RESULT) for f in futs] == [items[::-1]] * 3 + [25]
+
 @pytest.mark.timeout(60)
 def test_a_full_ring_holds_jobs_back_instead_of_breaking_the_pool() -> None:
     # Tiny jobs teach the pool to prefetch deep; then jobs with 3 KB arguments

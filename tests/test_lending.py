@@ -290,18 +290,26 @@ def test_a_storm_of_ctrl_c_leaves_the_loop_sound(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_watching_the_rings_sees_an_outcome_a_post_or_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spin", [0.0002, 1.0])
+def test_watching_the_rings_sees_an_outcome_a_post_or_nothing(spin: float, tmp_path: Path) -> None:
     # What a borrower does before it sleeps (backends/local.py: watch): it returns as soon
-    # as a busy worker's ring has an outcome or the intake has a post, and not before.
+    # as a busy worker's ring has an outcome or the intake has a post, and not before; a
+    # worker whose job has run longer than the watch would last is not watched at all.
     from collections import deque
 
     gate = str(tmp_path / "gate")
-    with procsched.Pool(1) as pool:
+    with procsched.Pool(1, idle_spin=spin) as pool:
         backend = pool._sup.backend
         assert backend.watch(time.monotonic() + 5.0, deque()) is None  # no worker busy: nothing to wait for
         f = pool.submit(gated, gate, 1)
         wait_for(lambda: os.path.exists(f"{gate}.started"), RESULT, "the job to start")
         t0 = time.monotonic()
+        if spin < 0.1:  # the job has run longer than a watch of 0.2 ms: none is made
+            assert backend.watch(t0 + 5.0, deque(["a post"])) is None
+            assert time.monotonic() - t0 < 2.5
+            Path(gate).touch()
+            assert f.result(timeout=RESULT) == 1
+            return
         assert backend.watch(t0 + 0.05, deque()) is None
         assert time.monotonic() - t0 >= 0.05
         assert backend.watch(time.monotonic() + 5.0, deque(["a post"])) == []

@@ -547,6 +547,42 @@ def test_hot_job_starts_promptly_on_a_pool_busy_with_cold_work(tmp_path: Path) -
     assert after > 0, "the hot job ran only after the whole backlog"
 
 
+def cooperative_long(started: str, release: str) -> str:
+    """Checkpoints every few ms until ``release`` exists; yields when asked."""
+    _append(started, str(os.getpid()))
+    end = time.monotonic() + JOB_WAIT
+    while not os.path.exists(release) and time.monotonic() < end:
+        procsched.checkpoint("state")
+        time.sleep(0.002)
+    return "done"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("policy", ["cooperative", "kill"])
+def test_a_cold_job_whose_prefetch_was_taken_back_still_yields_to_a_hot_one(policy: str, tmp_path: Path) -> None:
+    """Taking back the jobs queued behind a long job (for an idle worker) leaves a recall
+    pending on its worker until that job ends; a hot job must still be able to preempt it,
+    and one hot job preempts one cold job."""
+    with procsched.Pool(2, aging_rate=0.0, preempt_grace=0.3) as pool, gates(tmp_path) as g:
+        assert [f.result(timeout=WAIT) for f in [pool.submit(stamp) for _ in range(300)]]  # jobs are short
+        low_started, low_release = g.path("low-started"), g.gate("low")
+        low = pool.options(preempt=policy).submit(cooperative_long, low_started, low_release)
+        wait_for(lambda: _lines(low_started), WAIT, "the low job to start")
+        quick = [pool.submit(stamp) for _ in range(300)]  # prefetched behind it, then taken back
+        assert all(f.result(timeout=WAIT) for f in quick)
+        high_started, high_release = g.path("high-started"), g.gate("high")
+        high = pool.options(priority=10, preempt=policy).submit(cooperative_long, high_started, high_release)
+        wait_for(lambda: _lines(high_started), WAIT, "the high job to start")
+        hot = pool.options(hot=True).submit(stamp)
+        assert hot.result(timeout=10)  # the low job yields (or is killed): the hot one runs now
+        assert not high.done()
+        stats = pool.stats()
+        assert stats["preempted"] == 1, stats
+        g.open(low_release)
+        g.open(high_release)
+        assert low.result(timeout=WAIT) == "done" and high.result(timeout=WAIT) == "done"
+
+
 def checkpointing_call(log: str, x: int) -> int:
     """A mapped call that checkpoints four times and logs how it (re)started."""
     _append(log, repr((x, procsched.current_job().resume_from)))

@@ -74,9 +74,11 @@ class JobLength:
     def __init__(self) -> None:
         self.seconds: float | None = None
 
-    def observe(self, run_us: int) -> None:
+    def observe(self, run_us: int, runs: int = 1) -> None:
+        """``runs`` runs that took ``run_us`` on average: a moving average with weight 0.2 per
+        run (a batch of ``runs`` counts as that many runs of its mean)."""
         s = max(run_us, 10) * 1e-6
-        self.seconds = s if self.seconds is None else self.seconds + 0.2 * (s - self.seconds)
+        self.seconds = s if self.seconds is None else self.seconds + (1.0 - 0.8**runs) * (s - self.seconds)
 
     def ahead(self, config: PoolConfig, most: int) -> int:
         if self.seconds is None:
@@ -111,6 +113,10 @@ class Backend(Protocol):
 
     def idle_workers(self) -> int:
         """Executors with nothing placed on them (where a hot job starts at once)."""
+        ...
+
+    def coming_free(self) -> int:
+        """Executors not idle yet that will be without anyone yielding (starting, giving back)."""
         ...
 
     def start(self, dispatches: list[frames.Dispatch], track: Iterable[int] = (), booting: bool = False) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 
 from ..ipc import frames, oob
 from ..ipc.doorbell import Doorbell
-from ..ipc.ring import W_OUT_BELL, W_RECALL, W_STARTED, W_YIELD
+from ..ipc.ring import W_OUT_BELL, W_RECALL, W_STARTED, W_YIELD, fence
 from ..log import get_logger
 from ..model import PoolConfig
 from . import Event, JobLength, Result, Returned, Started
@@ -108,6 +108,12 @@ class LocalBackend(Processes):
 
     def idle_workers(self) -> int:
         return sum(1 for s in self.slots if s.idle)
+
+    def coming_free(self) -> int:
+        """Workers with nothing placed on them that are not idle yet: starting (again, after a
+        kill or a crash; not while starts keep failing), or waiting for the end of a recall."""
+        coming = (BOOTING, READY) if self.degraded else (BOOTING, READY, DEAD)
+        return sum(1 for s in self.slots if not s.outstanding and not s.idle and s.state in coming and not s.surplus)
 
     def start(self, dispatches: list[frames.Dispatch], track: Iterable[int] = (), booting: bool = False) -> None:
         """Place jobs, filling the emptiest workers first; ``len <= headroom()``."""
@@ -191,12 +197,13 @@ class LocalBackend(Processes):
 
     def request_yield(self, job_id: int, kill_after: float | None, now: float) -> bool:
         slot = self.by_job.get(job_id)
-        if slot is None or slot.ch is None or slot.recalling:
+        if slot is None or slot.ch is None:
             return False
         slot.ch.words[W_YIELD] = job_id
         slot.yield_job = job_id
         slot.yield_deadline = now + kill_after if kill_after is not None else 0.0
-        self._recall(slot)
+        if not slot.recalling:  # (its prefetch goes elsewhere; a recall already asked for does that)
+            self._recall(slot)
         log.info("preempt_requested", worker=slot.index, run=job_id, kill_after=kill_after)
         return True
 
@@ -210,19 +217,17 @@ class LocalBackend(Processes):
     def withdraw(self, job_id: int) -> bool | None:
         """Take back a job placed on a worker that has not begun it (it returns as ``Returned``).
 
-        True: it will come back unrun (the worker is inside an earlier job, and checks
-        the recall before it starts the next). None: the worker is between jobs, so it
-        may begin this one first; its run's end (``Returned`` or an outcome) tells.
-        False: it has begun.
+        True: it comes back unrun, reported returned at once with every job queued
+        behind the one its worker is inside (``_steal``). None: its worker may be
+        between jobs and begin it first; its run's end (``Returned`` or an outcome)
+        tells. False: it has begun.
         """
         slot = self.by_job.get(job_id)
         if slot is None:  # taken back from behind a long job: reported returned already
             return any(job_id in s.stolen for s in self.slots)
         if slot.ch is None or slot.bell is None or slot.ch.words[W_STARTED] == job_id:
             return False
-        self._recall(slot)
-        started = slot.ch.words[W_STARTED]  # read after the recall is written
-        return True if started and started != job_id else None
+        return True if self._steal(slot) and job_id in slot.stolen else None
 
     def _recall(self, slot: _Slot) -> None:
         assert slot.ch is not None and slot.bell is not None
@@ -266,8 +271,10 @@ class LocalBackend(Processes):
     def watch(self, until: float, intake: Any, poller: Any = None) -> list[tuple[int, int]] | None:
         """Watch the rings of the busy workers until ``until`` (monotonic), or until one has
         an outcome or ``intake`` has a post; with a ``poller``, also until it reports an fd
-        ready (a client's socket). None if nothing came, else what the poller saw."""
-        rings = [s.ch.outbound for s in self.slots if s.outstanding and s.ch is not None]
+        ready (a client's socket). None if nothing came, else what the poller saw. A worker
+        whose job has run longer than the watch will last is not worth watching."""
+        since = time.monotonic() - self.config.idle_spin
+        rings = [s.ch.outbound for s in self.slots if s.outstanding and s.ch is not None and s.head_since >= since]
         if not rings and poller is None:
             return None
         clock = time.monotonic
@@ -295,10 +302,7 @@ class LocalBackend(Processes):
         chunk, spans = slot.ch.outbound.read()
         for start, end in spans:
             try:
-                frame, k = chunk, chunk[start]
-                if k == frames.SPILL:
-                    frame = bytes(oob.read(frames.spill_descriptor(chunk[start:end]), unlink_now=True)[0])
-                    start, end, k = 0, len(frame), frame[0]
+                frame, start, end, k = frames.unspill(chunk, start, end)
                 if k == frames.OUTCOMES:
                     self._outcomes(slot, frames.decode_outcomes(frame, start, end), now)
                 elif k == frames.HELLO:
@@ -331,7 +335,7 @@ class LocalBackend(Processes):
                 if not out or out[0] != o.job_id:
                     raise ValueError(f"outcome for job {o.job_id} out of order")
                 out.popleft()
-                self.by_job.pop(o.job_id, None)
+                self.by_job.pop(o.job_id, None)  # (_forget, inline: this runs once per job)
                 if logs is not None:
                     logs.pop(o.job_id, None)
                 ran += o.run_us
@@ -353,10 +357,7 @@ class LocalBackend(Processes):
                     slot.stolen.discard(o.job_id)
                 elif o.job_id:
                     out.remove(o.job_id)
-                    self.by_job.pop(o.job_id, None)
-                    if logs is not None:
-                        logs.pop(o.job_id, None)
-                    slot.track.discard(o.job_id)
+                    self._forget(slot, o.job_id)
                     events.append(Returned(o.job_id))
                 else:
                     slot.recalling = False
@@ -372,7 +373,7 @@ class LocalBackend(Processes):
         if ended:
             slot.done += ended
             slot.head_since = now
-            self.length.observe(ran // ended)
+            self.length.observe(ran // ended, ended)
         if slot.state == RETIRING and not out and slot.ch is not None and not slot.killing:
             self._stop(slot)
         elif self.config.max_tasks_per_child and slot.done >= self.config.max_tasks_per_child and slot.state == READY:
@@ -385,35 +386,46 @@ class LocalBackend(Processes):
         return max(self.config.prefetch_s, 4 * (self.length.seconds or 0.0))
 
     def _stuck(self, slot: _Slot) -> bool:
-        return len(slot.outstanding) > 1 and slot.state == READY and not slot.recalling
+        return len(slot.outstanding) > 1 and slot.state == READY
 
-    def _steal(self, slot: _Slot) -> None:
-        """Take back the jobs queued behind the one ``slot`` runs (a worker is idle meanwhile).
+    def _steal(self, slot: _Slot) -> bool:
+        """Take back the jobs queued behind the one ``slot`` runs; whether they are back.
 
-        The recall makes the worker return every job it has not begun once its
-        current one ends. If it is inside that job now (its ``W_STARTED`` word,
-        read after the recall is written), none of the others can begin first,
-        so they are reported returned at once and run elsewhere; the worker's
-        own returns of them are ignored later (``stolen``). Between jobs, its
-        answer to the recall brings them back, as for a retirement.
+        A recall (made here unless one is pending) has the worker return every
+        job it has not begun once its current one ends. If it is inside the
+        job at the head now (its ``W_STARTED`` word, read after the recall is
+        written), none of the others can begin first, so they are reported
+        returned at once and run elsewhere; the worker's own returns of them
+        are ignored later (``stolen``). Otherwise it may be between jobs, and
+        its answer to the recall brings them back, as for a retirement.
         """
         assert slot.ch is not None
+        if not slot.outstanding:
+            return False
         head = slot.outstanding[0]
-        self._recall(slot)
+        if not slot.recalling:
+            self._recall(slot)
+        fence()  # (the recall visible before W_STARTED is read; the worker fences the other way)
         if slot.ch.words[W_STARTED] != head:
-            return
-        logs = self.log_jobs
-        behind = list(slot.outstanding)[1:]
-        for rid in behind:
-            self.by_job.pop(rid, None)
-            if logs is not None:
-                logs.pop(rid, None)
-            slot.track.discard(rid)
-            slot.stolen.add(rid)
+            return False
+        slot.outstanding.popleft()
+        behind = list(slot.outstanding)
         slot.outstanding.clear()
         slot.outstanding.append(head)
+        for rid in behind:
+            self._forget(slot, rid)
+            slot.stolen.add(rid)
         self.events += [Returned(rid) for rid in behind]
-        log.debug("prefetch_taken_back", worker=slot.index, runs=len(behind))
+        if behind:
+            log.debug("prefetch_taken_back", worker=slot.index, runs=len(behind))
+        return True
+
+    def _forget(self, slot: _Slot, rid: int) -> None:
+        """A run that has left ``slot`` (returned, taken back, or its worker gone)."""
+        self.by_job.pop(rid, None)
+        if self.log_jobs is not None:
+            self.log_jobs.pop(rid, None)
+        slot.track.discard(rid)
 
     # -- time -----------------------------------------------------------------
     def next_deadline(self) -> float:

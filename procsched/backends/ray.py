@@ -189,6 +189,9 @@ class RayBackend:
     def idle_workers(self) -> int:
         return max(0, self.capacity - len(self.inflight) - len(self.parked))
 
+    def coming_free(self) -> int:
+        return 0  # a run that ends frees its CPU at once: there is no starting to wait for
+
     # -- placing ---------------------------------------------------------------------------
     def start(self, dispatches: list[frames.Dispatch], track: Iterable[int] = (), booting: bool = False) -> None:
         tracked = set(track)

@@ -31,6 +31,8 @@ from __future__ import annotations
 import struct
 from collections import namedtuple
 
+from . import oob
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NamedTuple
@@ -95,9 +97,10 @@ def encode_run(jobs: list[Dispatch]) -> bytes:
     return b"".join(parts)
 
 
-def decode_run(frame: bytes) -> list[Dispatch]:
-    n = _COUNT.unpack_from(frame)[1]
-    pos = _COUNT.size
+def decode_run(frame: bytes, start: int = 0) -> list[Dispatch]:
+    """The dispatches of the RUN frame at ``frame[start:]``."""
+    n = _COUNT.unpack_from(frame, start)[1]
+    pos = start + _COUNT.size
     out = []
     for _ in range(n):
         job_id, attempt, flags, lf, la, lr, lo, job = _DISPATCH.unpack_from(frame, pos)
@@ -159,6 +162,16 @@ def decode_hello(frame: bytes) -> int:
 
 def encode_spill(descriptor: bytes) -> bytes:
     return _KIND.pack(SPILL) + descriptor
+
+
+def unspill(chunk: bytes, start: int, end: int) -> tuple[bytes, int, int, int]:
+    """The frame at ``chunk[start:end]`` (what ``Ring.read`` gives) as ``(buffer, start, end,
+    kind)``; a SPILL frame there is replaced by the frame its segment holds (read, and unlinked)."""
+    kind = chunk[start]
+    if kind != SPILL:
+        return chunk, start, end, kind
+    frame = bytes(oob.read(spill_descriptor(chunk[start:end]), unlink_now=True)[0])
+    return frame, 0, len(frame), frame[0]
 
 
 def spill_descriptor(frame: bytes) -> bytes:

@@ -137,30 +137,9 @@ class Ring:
     def has_data(self) -> bool:
         return self._w[self._ih] != self._tail
 
-    def take(self) -> list[bytes]:
-        """Every published frame, oldest first, copied out; frees their room."""
-        head = self._w[self._ih]
-        tail = self._tail
-        if head == tail:
-            return []
-        data = self._data
-        cap = self._cap
-        out = []
-        while tail != head:
-            off = tail % cap
-            n = _U32.unpack_from(data, off)[0]
-            if n == WRAP:
-                tail += cap - off
-                continue
-            out.append(bytes(data[off + 4 : off + 4 + n]))
-            tail += (n + 4 + 7) & ~7
-        self._tail = tail
-        self._w[self._it] = tail
-        return out
-
     def read(self) -> tuple[bytes, list[tuple[int, int]]]:
         """Every published frame at once: one copy of them all and each one's ``(start, end)``
-        in it, oldest first; frees their room. (``take`` copies each frame apart.)"""
+        in it, oldest first; frees their room."""
         head = self._w[self._ih]
         tail = self._tail
         if head == tail:
