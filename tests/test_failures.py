@@ -763,6 +763,25 @@ def measure(data: bytes) -> int:
     return len(data)
 
 
+def write_garbage_to_the_supervisor() -> None:
+    """Write a frame of an unknown kind to this worker's ring, as a broken worker would."""
+    import gc
+
+    (worker,) = [o for o in gc.get_objects() if type(o).__name__ == "Worker" and type(o).__module__ == "procsched.worker"]
+    worker.send_frame(b"\x63not a frame")
+    time.sleep(30)  # (killed before this ends)
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_writes_garbage_is_killed_and_costs_its_job_only() -> None:
+    with procsched.Pool(1) as pool:
+        assert [f.result(timeout=RESULT) for f in [pool.submit(square, i) for i in range(20)]] == [i * i for i in range(20)]
+        with pytest.raises(procsched.WorkerCrashed):
+            pool.submit(write_garbage_to_the_supervisor).result(timeout=RESULT)
+        assert pool.submit(square, 7).result(timeout=RESULT) == 49
+        assert pool.stats()["restarts"] == 1
+
+
 def reversed_list(items: list[int]) -> list[int]:
     return items[::-1]
 

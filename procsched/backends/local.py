@@ -298,20 +298,32 @@ class LocalBackend(Processes):
                 slot.ch.words[W_OUT_BELL] = self.lent
 
     def _drain(self, slot: _Slot, now: float) -> None:
+        """What the worker wrote since the last look: its hello (its first frame), and its
+        outcomes, in one ``_outcomes`` call however many frames they came in (a worker
+        writes a frame per job, and the call's own cost is most of a small job's)."""
         assert slot.ch is not None
         chunk, spans = slot.ch.outbound.read()
-        for start, end in spans:
-            try:
+        batch: list[frames.Outcome] = []
+        error: Exception | None = None
+        try:
+            for start, end in spans:
                 frame, start, end, k = frames.unspill(chunk, start, end)
                 if k == frames.OUTCOMES:
-                    self._outcomes(slot, frames.decode_outcomes(frame, start, end), now)
+                    batch += frames.decode_outcomes(frame, start, end)
                 elif k == frames.HELLO:
                     self._hello(slot, frames.decode_hello(frame[start:end]))
                 else:
                     raise ValueError(f"unknown frame kind {k}")
-            except (ValueError, OSError) as e:  # a worker that writes garbage is broken
-                log.error("worker_protocol_error", worker=slot.index, pid=slot.pid, error=str(e))
-                self._kill_slot(slot, "protocol", now, sig=signal.SIGKILL)
+        except (ValueError, OSError) as e:
+            error = e
+        try:
+            if batch:  # (the outcomes before a bad frame count all the same)
+                self._outcomes(slot, batch, now)
+        except ValueError as e:
+            error = error or e
+        if error is not None:  # a worker that writes garbage is broken
+            log.error("worker_protocol_error", worker=slot.index, pid=slot.pid, error=str(error))
+            self._kill_slot(slot, "protocol", now, sig=signal.SIGKILL)
 
     def _hello(self, slot: _Slot, pid: int) -> None:
         if slot.state == BOOTING:
