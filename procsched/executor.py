@@ -310,8 +310,8 @@ class Pool(_Submitter, Controls, Executor):
         if isinstance(new.max_workers, bool) or not isinstance(new.max_workers, int) or new.max_workers < 0 or (new.max_workers == 0 and not self._follows):
             what = "a positive int (or 0 on a Ray pool: as many as the cluster's CPUs)" if isinstance(new.max_workers, int) else "an int"
             raise ValueError(f"max_workers must be {what}, not {new.max_workers!r}")
-        if changed:
-            self._sup.post(("reconfigure", new))
+        if changed:  # applied before this returns: max_workers and stats() show it at once
+            self._ask("reconfigure", new)
             self._config, self._workers = new, new.max_workers
         return changed
 

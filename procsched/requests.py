@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .ledger import Timings
     from .recorder import Recorder
     from .backends import Backend
+    from .model import PoolConfig
 
 log = get_logger("procsched.supervisor")
 
@@ -55,6 +56,7 @@ class Requests:
     new_id: Any
     runs: dict[int, Job]
     draining: bool
+    config: PoolConfig
     stats: Stats
     timings: Timings
 
@@ -275,6 +277,11 @@ class Requests:
         if e.state == CRASHED:
             return "error", WorkerCrashed(None, 0, label)
         return "error", PoolError(f"job {label} failed: {e.message}")
+
+    def _reconfigure(self, config: PoolConfig) -> None:
+        """``pool.reconfigure`` (SIGHUP's live changes): the checked settings, from this turn on."""
+        self.config = self.backend.config = config
+        self.backend.resize(config.max_workers, time.monotonic())
 
     def _status(self, now: float) -> dict[str, Any]:
         """Workers (pid, RSS, current job, uptime), queue depth per lane, running count."""

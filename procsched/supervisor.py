@@ -178,6 +178,7 @@ class Supervisor(Lending, Placement):
             "list_jobs": self._jobs,
             "show": self._show,
             "status": lambda: self._status(time.monotonic()),
+            "reconfigure": self._reconfigure,
         }
         # Under fsync="always" futures settle once their records are durable.
         self._hold = self.rec.hold if self.rec is not None and self.rec.always else None
@@ -341,9 +342,6 @@ class Supervisor(Lending, Placement):
                     msg[1]()
                 finally:
                     msg[2].set()
-            elif msg[0] == "reconfigure":  # (reconfigure, PoolConfig): SIGHUP's live changes
-                self.config = self.backend.config = msg[1]
-                self.backend.resize(msg[1].max_workers, now)
             elif msg[0] == "heartbeat":
                 self.heartbeat = msg[1]
                 self._beat(now)
