@@ -175,6 +175,12 @@ class CallEncoder:
         self._fn_cache[fn] = ((names, _fingerprint(fn, names)), data)
         return data, frames.F_FN_CACHEABLE
 
+    def carried(self, fn: Callable[..., Any]) -> Any:
+        """``fn`` as a job's argument: a :class:`Carried` pickle when the function is cacheable
+        (a callable object, which may hold state, travels as itself)."""
+        data, flags = self.function(fn)
+        return Carried(data) if flags & frames.F_FN_CACHEABLE else fn
+
     def _pickle_function(self, fn: Any) -> bytes:
         try:
             return _cloudpickle().dumps(fn, protocol=5)  # type: ignore[no-any-return]
@@ -255,6 +261,34 @@ class ByPath:
 
     def __repr__(self) -> str:
         return f"ByPath({self.path!r})"
+
+
+_loaded: dict[bytes, Any] = {}  # a process's functions by their pickle (a worker's cache)
+_LOADED_MAX = 1024
+
+
+def load_function(data: bytes) -> Any:
+    """A cacheable function's pickle (:meth:`CallEncoder.function`), unpickled once per process."""
+    fn = _loaded.get(data)
+    if fn is None:
+        if len(_loaded) >= _LOADED_MAX:
+            _loaded.clear()
+        fn = _loaded[data] = pickle.loads(data)
+    return fn
+
+
+class Carried:
+    """A function inside a job's arguments (a ``map`` batch's), as the pickle the encoder
+    keeps for it: the batches of one ``map`` pickle it once, and a worker unpickles it once
+    (:func:`load_function`), where cloudpickle would redo both for every batch."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (load_function, (self.data,))
 
 
 def callable_of(fn: Any) -> Any:

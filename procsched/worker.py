@@ -45,7 +45,6 @@ else:
     import _signal  # the C module under signal.py, whose enums would cost a boot ~5 ms
 
 _BACKSTOP_MS = 1000  # see ring.py: a lost wakeup costs at most this
-_FN_CACHE_MAX = 1024
 
 
 def _die_with_parent(parent: int) -> None:
@@ -87,7 +86,6 @@ class Worker:
         self.soft_rss: int = cfg["soft_rss"]
         self.spin_s: float = cfg["spin_s"]
         self.pending: deque[frames.Dispatch] = deque()
-        self.function = Functions()
         self.recall_seen = self.ch.words[W_RECALL]
         self.seq = 0
         self.recycling = False
@@ -218,25 +216,13 @@ class Worker:
     def run(self, job: frames.Dispatch) -> frames.Outcome:
         live = self.send_checkpoint if job.flags & frames.F_CHECKPOINT_LIVE else None
         words = self.ch.words
-        status, run_us, payload, bufs = execute(job, self.function, _arg_buffers, lambda: words[W_YIELD], live)
+        status, run_us, payload, bufs = execute(job, _arg_buffers, lambda: words[W_YIELD], live)
         return frames.Outcome(job.job_id, status, run_us, payload, self.place(bufs))
 
 
-class Functions:
-    """A job's function, unpickled once per worker when it is pickled by reference (cacheable)."""
-
-    def __init__(self) -> None:
-        self.cache: dict[bytes, Any] = {}
-
-    def __call__(self, job: frames.Dispatch) -> Any:
-        if not job.flags & frames.F_FN_CACHEABLE:
-            return pickle.loads(job.fn)
-        fn = self.cache.get(job.fn)
-        if fn is None:
-            if len(self.cache) >= _FN_CACHE_MAX:
-                self.cache.clear()
-            fn = self.cache[job.fn] = pickle.loads(job.fn)
-        return fn
+def function_of(job: frames.Dispatch) -> Any:
+    """A job's function: unpickled once per worker when it is cacheable (see ``CallEncoder``)."""
+    return codec.load_function(job.fn) if job.flags & frames.F_FN_CACHEABLE else pickle.loads(job.fn)
 
 
 def _arg_buffers(job: frames.Dispatch) -> Any:
@@ -245,7 +231,7 @@ def _arg_buffers(job: frames.Dispatch) -> Any:
 
 
 def execute(
-    job: frames.Dispatch, functions: Functions, buffers_of: Any, yield_word: Any, live: Any
+    job: frames.Dispatch, buffers_of: Any, yield_word: Any, live: Any
 ) -> tuple[int, int, bytes, list[pickle.PickleBuffer]]:
     """Run one job as ``current_job()``: (status, run µs, payload, the result's out-of-band buffers).
 
@@ -256,7 +242,7 @@ def execute(
     """
     t0 = time.perf_counter()
     try:
-        fn = functions(job)
+        fn = function_of(job)
         buffers = buffers_of(job)
         args, kwargs = pickle.loads(job.args, buffers=buffers)
         resume = pickle.loads(job.resume) if job.resume else None

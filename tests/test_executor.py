@@ -1147,3 +1147,28 @@ def test_a_month_long_delay_or_timeout_leaves_the_loop_running() -> None:
         assert long.result(10) == 2
         assert pool.submit(abs, -3).result(10) == 3
         assert pool.cancel(far)
+
+
+class CountsPickles:
+    pickled = 0
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        CountsPickles.pickled += 1
+        return (CountsPickles, ())
+
+
+@pytest.mark.timeout(30)
+def test_a_batched_map_pickles_its_function_once() -> None:
+    # The batches carry the function's cached pickle: cloudpickle runs once per map,
+    # not once per batch (it was most of a no-op map's cost in the caller).
+    marker = CountsPickles()
+
+    def double(x: int) -> int:
+        assert type(marker) is CountsPickles  # in the closure: pickling double pickles it
+        return x * 2
+
+    CountsPickles.pickled = 0
+    with procsched.Pool(2) as pool:
+        assert list(pool.map(double, range(1000))) == [2 * x for x in range(1000)]
+        assert pool.stats()["submitted"] >= 8, "the map went out in batches"
+    assert CountsPickles.pickled == 1

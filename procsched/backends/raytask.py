@@ -111,7 +111,6 @@ class YieldWatch:
         self.stop.set()
 
 
-_functions = worker.Functions()
 _paths_seen: tuple[str, ...] = ()
 
 
@@ -154,6 +153,6 @@ def execute(frame: bytes, pool_blob: bytes, *buffers: Any) -> tuple[int, int, by
                 pass  # an unpicklable checkpoint (or one with nowhere to go) stays in the job
 
     try:
-        return worker.execute(job, _functions, lambda _: buffers, watch, live)
+        return worker.execute(job, lambda _: buffers, watch, live)
     finally:
         watch.close()
