@@ -10,11 +10,12 @@ over a socket. So the methods users call live here once, written against
 from __future__ import annotations
 
 import datetime
+import itertools
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import Any, Protocol, TypeVar, cast
 
 from .codec import ByPath, CallEncoder, ItemError, callable_of, run_calls, run_chunk, run_then, then_parts
 from .futures import JobFuture
@@ -26,6 +27,7 @@ from .schedule import MISFIRE_POLICIES, parse_cron
 from .schedules import OVERLAP_POLICIES
 
 T = TypeVar("T")
+_SLICEABLE = (list, tuple, range)
 
 _MAX_CHUNK = 10_000
 
@@ -199,9 +201,12 @@ class _Submitter:
             raise TypeError("map() cannot give one key to many calls: pass key= to map() instead of options()")
         end = None if timeout is None else time.monotonic() + timeout
         # One iterable: its items are the arguments (no tuple per call, as
-        # multiprocessing.Pool.map does); several: zipped into tuples.
+        # multiprocessing.Pool.map does); several: zipped into tuples. A list,
+        # tuple or range is sliced as it is (a range's batches travel as ranges).
         star = len(iterables) != 1
-        calls = list(zip(*iterables)) if star else list(iterables[0])
+        calls: Any = list(zip(*iterables)) if star else iterables[0]
+        if type(calls) not in _SLICEABLE:
+            calls = list(calls)
         if key is not None:
             return _results(self._keyed_map(fn, calls, star, key), end)
         runner: Callable[..., Any] = run_chunk
@@ -384,22 +389,52 @@ def _results(futures: list[JobFuture], end: float | None) -> Iterator[Any]:
             fut.cancel()
 
 
+class _Flattened(itertools.chain):  # type: ignore[type-arg]
+    """The items of a batched ``map``'s results, one batch after another.
+
+    ``chain`` hands out the items of a batch's list in C (a generator that
+    ``yield from`` each list costs ~15 ns more per item, 0.3 ms of a 20k
+    no-op map in the caller). ``close()`` is the generator's, as for the
+    stdlib's ``Executor.map``: the batches not yet done are cancelled (the
+    rest of the one being read may still be taken).
+    """
+
+    __slots__ = ("_batches",)
+    _batches: Generator[Any, None, None]
+
+    def close(self) -> None:
+        self._batches.close()
+
+
 def _chunk_results(futures: list[JobFuture], end: float | None) -> Iterator[Any]:
+    batches = _batches(futures, end)
+    flat = cast(_Flattened, _Flattened.from_iterable(batches))
+    flat._batches = batches
+    return flat
+
+
+def _batches(futures: list[JobFuture], end: float | None) -> Generator[Any, None, None]:
     futures.reverse()
     try:
         while futures:
             values = _result(futures.pop(), end)
-            if type(values) is list:  # no call of this batch failed
-                yield from values  # (the batch is freed with the next one)
-                continue
-            values.reverse()
-            while values:
-                if type(values[-1]) is ItemError:
-                    raise values.pop().error()
-                yield values.pop()
+            # a plain list: no call of this batch failed (the batch is freed with the next one)
+            yield values if type(values) is list else _until_error(values, futures)
     finally:
         for fut in futures:
             fut.cancel()
+
+
+def _until_error(values: list[Any], rest: list[JobFuture]) -> Iterator[Any]:
+    """A batch in which some call failed: its results up to the first failure, which raises
+    and ends the iteration, as the stdlib's does (the batches after it are cancelled)."""
+    for v in values:
+        if type(v) is ItemError:
+            for fut in rest:
+                fut.cancel()
+            rest.clear()
+            raise v.error()
+        yield v
 
 
 class PoolView(_Submitter):

@@ -1172,3 +1172,31 @@ def test_a_batched_map_pickles_its_function_once() -> None:
         assert list(pool.map(double, range(1000))) == [2 * x for x in range(1000)]
         assert pool.stats()["submitted"] >= 8, "the map went out in batches"
     assert CountsPickles.pickled == 1
+
+
+def fail_or_wait(x: int, bad: int, gate: str) -> int:
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    if x >= 10:  # every batch after the first waits for the test
+        await_file(gate)
+    return x
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["error", "close"])
+def test_a_batched_map_that_ends_early_cancels_the_batches_after_it(tmp_path: Path, how: str) -> None:
+    # 40 calls on one worker: batches of 10. As with the stdlib's map, an error (or close())
+    # ends the iteration and cancels what has not started; the running batch finishes.
+    gate = tmp_path / "gate"
+    with procsched.Pool(1) as pool:
+        it = pool.map(functools.partial(fail_or_wait, bad=3 if how == "error" else -1, gate=str(gate)), range(40))
+        assert [next(it) for _ in range(3)] == [0, 1, 2]
+        if how == "error":
+            with pytest.raises(ValueError, match="bad item 3"):
+                next(it)
+        else:
+            it.close()  # type: ignore[attr-defined]
+        assert list(it) == ([] if how == "error" else [3, 4, 5, 6, 7, 8, 9])
+        gate.touch()  # the running batch ends; the loop drops the cancelled ones it comes to
+        wait_for(lambda: pool.stats()["cancelled"] + pool.stats()["succeeded"] == 4, WAIT, "every batch to end")
+        assert pool.stats()["cancelled"] >= 1, "the batches not started were cancelled"
