@@ -210,7 +210,6 @@ class _Submitter:
         if key is not None:
             return _results(self._keyed_map(fn, calls, star, key), end)
         runner: Callable[..., Any] = run_chunk
-        carried = pool._encoder.carried(fn)  # pickled once for all the batches
         if chunksize == 1 and not self._opts.timeout and not self._opts.retries.retries:
             chunksize = min(_MAX_CHUNK, max(1, -(-len(calls) // (4 * max(1, pool._max_workers)))))  # (0: a Ray cluster with no CPU yet)
             runner = run_calls
@@ -219,6 +218,7 @@ class _Submitter:
             if chunksize == 1:
                 jobs.extend(pool._make_job(self._opts, fn, args if star else (args,), {}) for args in calls)
             else:
+                carried = pool._encoder.carried(fn)  # pickled once for all the batches
                 jobs.extend(
                     pool._make_job(self._opts, runner, (carried, calls[i : i + chunksize], star), {}, label=_label(fn))
                     for i in range(0, len(calls), chunksize)
