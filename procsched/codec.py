@@ -121,6 +121,11 @@ def _cell_full(cell: Any) -> bool:
     return True
 
 
+def _module_builtin(fn: Any) -> bool:
+    """A C function of a module (``operator.mul``, ``math.sqrt``): pickled by name."""
+    return type(fn) is types.BuiltinFunctionType and isinstance(getattr(fn, "__self__", None), types.ModuleType)
+
+
 class CallEncoder:
     """Turns ``fn(*args, **kwargs)`` into bytes; owned by one pool.
 
@@ -145,7 +150,7 @@ class CallEncoder:
         if fn is last:
             return answer
         if type(fn) is not types.FunctionType:
-            if type(fn) is types.BuiltinFunctionType and isinstance(getattr(fn, "__self__", None), types.ModuleType):
+            if _module_builtin(fn):
                 data = self._builtins.get(fn)  # a C function of a module (operator.mul, math.sqrt): by name
                 if data is None:
                     data = self._pickle_function(fn)
@@ -176,10 +181,19 @@ class CallEncoder:
         return data, frames.F_FN_CACHEABLE
 
     def carried(self, fn: Callable[..., Any]) -> Any:
-        """``fn`` as a job's argument: a :class:`Carried` pickle when the function is cacheable
-        (a callable object, which may hold state, travels as itself)."""
-        data, flags = self.function(fn)
-        return Carried(data) if flags & frames.F_FN_CACHEABLE else fn
+        """``fn`` as a ``map`` batch's argument: a function as a :class:`Carried` pickle, a
+        callable object (which may hold state) as itself.
+
+        A function pickled by value is pickled afresh for each ``map`` (a global changed in
+        place since is seen, as when every batch pickled it), and that pickle is what later
+        ``submit`` calls reuse.
+        """
+        if type(fn) is types.FunctionType:
+            if not _by_reference(fn):
+                self._fn_cache.pop(fn, None)
+        elif not _module_builtin(fn):
+            return fn
+        return Carried(self.function(fn)[0])
 
     def _pickle_function(self, fn: Any) -> bytes:
         try:

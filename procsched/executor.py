@@ -310,8 +310,11 @@ class Pool(_Submitter, Controls, Executor):
         if isinstance(new.max_workers, bool) or not isinstance(new.max_workers, int) or new.max_workers < 0 or (new.max_workers == 0 and not self._follows):
             what = "a positive int (or 0 on a Ray pool: as many as the cluster's CPUs)" if isinstance(new.max_workers, int) else "an int"
             raise ValueError(f"max_workers must be {what}, not {new.max_workers!r}")
-        if changed:  # applied before this returns: max_workers and stats() show it at once
-            self._ask("reconfigure", new)
+        if changed:  # applied before this returns (max_workers and stats() show it at once),
+            if self._sup.on_loop():  # but from a done-callback, by the loop's next turn
+                self._sup.post(("call", lambda: self._sup._reconfigure(new), threading.Event()))
+            else:
+                self._ask("reconfigure", new)
             self._config, self._workers = new, new.max_workers
         return changed
 
