@@ -20,6 +20,7 @@ so every wait is on a condition with a deadline.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import gc
 import json
 import logging
 import os
@@ -708,3 +709,19 @@ def test_a_record_from_before_a_field_was_appended_reads_with_its_default() -> N
     old_image = msgspec.msgpack.encode([12, 3, 1, 1, 0, b"", [], "f", None, 1.0, "succeeded"])
     image = r.decoder.decode(old_image)
     assert isinstance(image, r.Image) and image.state == "succeeded" and image.attempt == 1 and not image.dead
+
+
+@pytest.mark.timeout(10)
+def test_entries_share_one_empty_list_and_each_keeps_its_own_history() -> None:
+    # An entry's empty lists are one shared list (three of their own per job made the cyclic
+    # GC walk three more objects a job); a failure gives the entry a history of its own.
+    state = JournalState()
+    for job in (1, 2):
+        state.apply(r.Submitted(job, 1, 1, 0, b"args", [], f"job{job}", None, 1.0))
+    state.apply(r.Failed(1, 1, "error", b"", "boom", 2.0, 1.5))
+    state.apply(r.Failed(1, 2, "error", b"", "boom again", 0.0, 2.5))
+    one, two = state.jobs[1], state.jobs[2]
+    assert [h[:3] for h in one.history] == [(1, "error", "boom"), (2, "error", "boom again")]
+    assert two.history == [] and two.deps == [] and two.result_buffers == []
+    assert two.history is two.deps is two.result_buffers, "no lists of its own"
+    assert not any(gc.is_tracked(e) for e in (one, two))
