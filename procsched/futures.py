@@ -12,8 +12,10 @@ A future's condition variable (and with it the stdlib's lists of waiters
 and callbacks) is made only when someone needs it: a thread that waits,
 cancels or adds a callback. Most futures of a large batch are
 resolved before anyone looks at them, so the supervisor settles them under
-a plain per-future lock instead (``_lazy``, cheap to make), and ``result()`` on a finished
-future takes no lock at all. The stdlib's own waiters (``wait``,
+a plain lock instead (``_lazy``: one for every future, since each section it
+guards is a few reads and writes that call nothing, and a lock per future
+was one more object per future for the cyclic GC to walk), and ``result()``
+on a finished future takes no lock at all. The stdlib's own waiters (``wait``,
 ``as_completed``) read ``_condition`` and so create it, which keeps their
 protocol intact: every state change happens either under ``_lazy`` while no
 condition exists, or under the condition once it does, never both.
@@ -59,7 +61,9 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:500]
 
 
-_new_lock = threading.Lock  # a C call, unlike Condition()
+#: every future's ``_lazy`` (see the module doc); reentrant for a signal handler that reads
+#: another future's result while the main thread is inside one of its sections
+_LAZY = threading.RLock()
 _DONE = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
 
@@ -73,6 +77,8 @@ class JobFuture(Future):  # type: ignore[type-arg]
     _encoded: Encoded | None = None
     #: called with the future once it is settled or cancelled (the service pushes it to its client)
     _on_settle: Any = None
+    #: guards the condition's creation and the settling without it (one lock for all futures)
+    _lazy = _LAZY
     #: ``lend(future, timeout)``: run the pool's loop on this thread while waiting, if it
     #: sleeps (``lending.py``); None: wait as any future does
     _lend: Any = None
@@ -81,7 +87,6 @@ class JobFuture(Future):  # type: ignore[type-arg]
         self.job_id = job_id
         self._lend = lend
         self._cond: threading.Condition | None = None
-        self._lazy = _new_lock()  # guards the condition's creation and the settling without it
         self._state = PENDING
         self._result: Any = None
         self._exception: BaseException | None = None
