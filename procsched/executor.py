@@ -128,12 +128,9 @@ class Pool(_Submitter, Controls, Executor):
         fn = callable_of(fn)
         fn_bytes, flags = self._encoder.function(fn)
         args_bytes, buffers = self._encoder.arguments(fn, args, kwargs)
-        job_id = next(self._ids)
         desc = oob.write(f"{self._prefix}a{next(self._segments)}", buffers) if buffers else b""
-        fut = JobFuture(job_id, self._lend)
-        if self._on_fetch is not None:
-            fut._on_fetch = self._on_fetch
-        return Job(job_id, fut, opts.name or label or _label(fn), fn_bytes, flags, args_bytes, desc, opts, key)
+        fut = self._new_future()
+        return Job(fut.job_id, fut, opts.name or label or _label(fn), fn_bytes, flags, args_bytes, desc, opts, key)
 
     def _new_future(self) -> JobFuture:
         fut = JobFuture(next(self._ids), self._lend)

@@ -639,28 +639,21 @@ def test_cancelling_a_job_queued_behind_a_long_one_lets_the_rest_move_on(tmp_pat
         assert long_job.result(timeout=WAIT) == "long" and short_job.result(timeout=WAIT) == "short"
 
 
-def ran_then_marked(started: str, done: str) -> str:
-    Path(started).touch()
-    time.sleep(0.05)
-    Path(done).touch()
-    return "ran"
-
-
 @pytest.mark.timeout(60)
 def test_cancelling_a_job_that_ran_says_so_even_before_its_outcome_is_read(tmp_path: Path) -> None:
     # A job's outcome is in its worker's ring, not yet read by the loop, and the worker has
     # begun the next job: a cancel of the first must answer False (it ran), not take it back.
-    a_started, a_done = str(tmp_path / "a.started"), str(tmp_path / "a.done")
-    with procsched.Pool(1) as pool, Gate(tmp_path) as gate:
+    with procsched.Pool(1) as pool, Gate(tmp_path, "first") as first_gate, Gate(tmp_path, "second") as second_gate:
         warm_up(pool, 50)
-        first = pool.submit(ran_then_marked, a_started, a_done)
-        wait_for(lambda: os.path.exists(a_started), WAIT, "the first job to start")
-        second = pool.submit(blocker, str(tmp_path / "b.started"), str(gate), "second")
+        first = start_blocker(pool, first_gate, "first")
+        second = pool.submit(blocker, str(tmp_path / "second.started"), str(second_gate), "second")
         wait_for(second.running, WAIT, "the second job to be placed on the worker")
         sup = pool._sup
         sup.baton.acquire()  # the loop runs no turn: the first job's outcome stays unread
         try:
-            wait_for(lambda: (tmp_path / "b.started").exists(), WAIT, "the second job to start")
+            first_gate.open()  # the first job ends while the loop is held, and the second begins
+            wait_for(lambda: (tmp_path / "second.started").exists(), WAIT, "the second job to start")
+            assert not first.done(), "the loop read the outcome meanwhile"
             answers: list[bool] = []
             asking = threading.Thread(target=lambda: answers.append(pool.cancel(first)))
             asking.start()
@@ -669,8 +662,8 @@ def test_cancelling_a_job_that_ran_says_so_even_before_its_outcome_is_read(tmp_p
             sup.baton.release()
         asking.join(WAIT)
         assert answers == [False]
-        assert first.result(timeout=WAIT) == "ran"
-        gate.open()
+        assert first.result(timeout=WAIT) == "first"
+        second_gate.open()
         assert second.result(timeout=WAIT) == "second"
 
 

@@ -147,7 +147,7 @@ class Ring:
         data = self._data
         cap = self._cap
         a, b = tail % cap, head % cap
-        chunk = bytes(data[a:b]) if a < b else bytes(data[a:]) + bytes(data[:b])
+        chunk = bytes(data[a:b]) if a < b else b"".join((data[a:], data[:b]))  # (one copy either way)
         spans = []
         pos, size = 0, head - tail
         while pos < size:
