@@ -101,6 +101,7 @@ class Lending:
     closing: bool
     ended: bool
     crashed: BaseException | None
+    broken: BaseException | None
     _ended_lock: threading.Lock
     now: float
     backend: Backend
@@ -173,7 +174,7 @@ class Lending:
                 msg = msg[1]
             for job in msg if type(msg) is list else (msg,) if type(msg) is Job else ():
                 if job.future.set_running_or_notify_cancel():
-                    job.future.set_exception(PoolError(f"the pool's supervisor crashed: {self.crashed!r}"))
+                    job.future.set_exception(self.broken or PoolError(f"the pool's supervisor crashed: {self.crashed!r}"))
                 job.release_args()
 
     def on_loop(self) -> bool:
@@ -191,6 +192,7 @@ class Lending:
             ring = True
             try:
                 self.holder = threading.get_ident()
+                self.lends += 1  # what the loop's thread polled before this turn is stale
                 # A placement may report at once (a start whose timeout must be timed, a job
                 # given back): one more turn applies it; past that the loop's thread does.
                 if self._borrowed_turn([]) and (not backend.events or self._borrowed_turn([])):

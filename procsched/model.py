@@ -171,7 +171,7 @@ class PoolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     #: keep about this much work (seconds, at the measured job duration) queued per worker
     prefetch_s: float = 0.005
     #: and never more than this many jobs beyond the running one
-    max_prefetch: int = 64
+    max_prefetch: int = 256
     #: SIGTERM to SIGKILL, when a worker is killed
     kill_grace: float = 0.5
     #: first respawn delay after a worker died at boot; doubles per failure up to the max
