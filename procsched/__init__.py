@@ -32,6 +32,7 @@ _EXPORTS = {
     "JobContext": "context",
     "ProcschedError": "errors",
     "PoolError": "errors",
+    "BrokenPool": "futures",
     "ConfigError": "config",
     "SerializationError": "errors",
     "JobFailed": "errors",
@@ -71,6 +72,7 @@ if TYPE_CHECKING:  # "X as X": explicit re-exports, so strict type checkers see 
     from .errors import WorkerLost as WorkerLost
     from .executor import Pool as Pool
     from .executor import PoolView as PoolView
+    from .futures import BrokenPool as BrokenPool
     from .futures import JobFuture as JobFuture
     from .journal import JournalCorrupt as JournalCorrupt
     from .journal import JournalError as JournalError

@@ -81,7 +81,6 @@ class Client(Link, _Submitter, Controls, Executor):
         self._timeout = timeout
         self._reconnect_s = reconnect
         self._progress = progress
-        self._pool = self
         self._opts = DEFAULT_OPTIONS
         self._encoder = CallEncoder()
         self._sending = threading.Lock()  # the socket's writing side (and _fns): whole frames, in order
@@ -107,6 +106,10 @@ class Client(Link, _Submitter, Controls, Executor):
         self._connected.set()
         self._reader = threading.Thread(target=self._read_loop, name="procsched-client", daemon=True)
         self._reader.start()
+
+    @property
+    def _pool(self) -> Client:  # (see _Submitter)
+        return self
 
     def _check_open(self) -> None:
         if self._closed:

@@ -95,6 +95,17 @@ def _by_reference(fn: Any) -> bool:
     return bool(module) and module != "__main__" and "<" not in qualname
 
 
+def globals_set_by_value(fn: Any) -> list[str]:
+    """The globals ``fn`` assigns, if it travels by value (defined in ``__main__``, say): there,
+    they land in the function's own copy of its globals, which no other function sees."""
+    code = getattr(fn, "__code__", None)
+    if code is None or _by_reference(fn):
+        return []
+    import dis  # (only for such a function: a pool's initializer from a script)
+
+    return sorted({i.argval for i in dis.get_instructions(code) if i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL")})
+
+
 def _global_names(code: types.CodeType) -> frozenset[str]:
     names = set(code.co_names)
     for const in code.co_consts:
@@ -320,6 +331,14 @@ def then_parts(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, 
         return _dumps((fn, args, kwargs), [], _IN_BAND)
     except Exception as e:
         raise SerializationError(f"cannot pickle the continuation {_name(fn)}: {e}") from e
+
+
+def dump_initializer(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
+    """A pool's ``(initializer, initargs)``, pickled in band for each worker to call as it starts."""
+    try:
+        return _dumps((fn, args), [], _IN_BAND)
+    except Exception as e:
+        raise SerializationError(f"cannot pickle the pool's initializer {_name(fn)} and its initargs: {e}") from e
 
 
 def run_then(parts: bytes, payload: bytes, buffers: list[bytes]) -> Any:

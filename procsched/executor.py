@@ -27,17 +27,19 @@ import atexit
 import itertools
 import os
 import threading
+import warnings
+import weakref
 from concurrent.futures import Executor
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from .codec import CallEncoder, callable_of
+from .codec import CallEncoder, callable_of, dump_initializer, globals_set_by_value
 from .config import load_settings
 from .controls import Controls
 from .errors import PoolError
-from .futures import JobFuture
+from .futures import BrokenPool, JobFuture
 from . import backends
 from .ipc import oob
 from .jobs import Job
@@ -58,6 +60,14 @@ class Pool(_Submitter, Controls, Executor):
     during a job is killed and the job fails with ``MemoryLimitExceeded``),
     ``aging_rate``, ``kill_grace``, ``preempt_grace``, ...
 
+    ``initializer(*initargs)`` runs in each worker as it starts (a
+    replacement too), before it takes a job, as with ``ProcessPoolExecutor``;
+    if it raises, the pool is broken: every job not finished fails with
+    :class:`BrokenPool`, and so does every later ``submit()``. ``mp_context``
+    is accepted for the same drop-in reason and changes nothing: a worker is
+    always a fresh interpreter (as with ``"spawn"``), and a function defined in
+    ``__main__`` travels by value with what it uses.
+
     ``backend`` chooses what runs the jobs: this machine's worker processes
     (the default, ``procsched.backends.Local()``) or a Ray cluster
     (``procsched.backends.Ray(address="auto")``; ``max_workers`` then caps
@@ -67,11 +77,29 @@ class Pool(_Submitter, Controls, Executor):
     def __init__(
         self,
         max_workers: int | None = None,
+        mp_context: Any = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
         *,
         journal: str | os.PathLike[str] | JournalConfig | None = None,
         backend: backends.Spec | str | None = None,
         **config: Any,
     ) -> None:
+        if mp_context is not None and not callable(getattr(mp_context, "get_start_method", None)):
+            raise TypeError(f"mp_context must be a multiprocessing context or None, not {type(mp_context).__name__}")
+        init = b""
+        if initializer is not None:
+            if not callable(initializer):
+                raise TypeError("initializer must be a callable")
+            init = dump_initializer(initializer, tuple(initargs))
+            if names := globals_set_by_value(initializer):
+                warnings.warn(
+                    f"the initializer {_label(initializer)} travels by value (it is not in an importable module), "
+                    f"so the globals it sets ({', '.join(names)}) are its own copy: jobs will not see them. "
+                    "Define it, and the jobs that read them, in a module the workers can import.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         spec = backends.choose(backend)
         if max_workers is not None:
             if isinstance(max_workers, bool) or not isinstance(max_workers, int):
@@ -92,7 +120,6 @@ class Pool(_Submitter, Controls, Executor):
         _check_config(self._config)
         self._workers = max_workers  # 0: as many as the backend has room for (a Ray cluster's CPUs)
         self._follows = isinstance(spec, backends.Ray)  # may go back to 0 (follow the cluster) in reconfigure()
-        self._pool = self
         self._opts = DEFAULT_OPTIONS
         self._encoder = CallEncoder()
         self._ids = itertools.count(1)
@@ -101,7 +128,7 @@ class Pool(_Submitter, Controls, Executor):
         self._closed = False
         oob.sweep_orphans()
         self._prefix = oob.pool_prefix(f"{id(self):x}")
-        self._sup = Supervisor(self._config, self._prefix, _journal_config(journal), spec)
+        self._sup = Supervisor(self._config, self._prefix, _journal_config(journal), spec, init)
         self._ids = itertools.count(self._sup.first_job_id)
         self._sup.new_id = self._ids.__next__  # (a schedule's firings are jobs too)
         self._keys = KeyedFutures()
@@ -110,7 +137,10 @@ class Pool(_Submitter, Controls, Executor):
         self._on_fetch = rec.fetched.append if rec is not None and rec.drop_fetched else None
         self._lend = self._sup.lend if self._sup.lendable else None  # a waiting caller runs the loop
         self._sup.start()
-        atexit.register(self._at_exit)
+        _RUNNING.add(self._sup)
+        # Dropped without shutdown(), the pool ends as shutdown(wait=False) would: its
+        # accepted jobs finish, then its workers go (as the stdlib's executors do once collected).
+        weakref.finalize(self, self._sup.post, ("shutdown", False, False, 0.0)).atexit = False
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str], **overrides: Any) -> Pool:
@@ -173,6 +203,10 @@ class Pool(_Submitter, Controls, Executor):
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        if _exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        if self._sup.broken is not None:
+            raise BrokenPool(str(self._sup.broken)) from self._sup.broken.__cause__
         if self._sup.crashed is not None:
             raise PoolError(f"the pool is broken: its supervisor crashed ({self._sup.crashed!r})")
 
@@ -228,12 +262,10 @@ class Pool(_Submitter, Controls, Executor):
     def _join(self) -> None:
         if not self._sup.on_loop():
             self._sup.thread.join()
-            # Until here the exit hook stays: after shutdown(wait=False) the
-            # interpreter still waits for the accepted jobs, as the stdlib does.
-            atexit.unregister(self._at_exit)
 
-    def _at_exit(self) -> None:
-        self.shutdown(wait=True)
+    @property
+    def _pool(self) -> Pool:  # (see _Submitter)
+        return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
@@ -353,6 +385,26 @@ def _in_flight(sup: Supervisor, job_id: int) -> bool:
         if any(j.id == job_id for j in jobs):
             return True
     return False
+
+
+#: supervisors whose loop may still run: a pool's, or a dropped pool's finishing its jobs (each
+#: stays in the set while its thread runs or its pool is referenced)
+_RUNNING: weakref.WeakSet[Supervisor] = weakref.WeakSet()
+_exiting = False
+
+
+@atexit.register
+def _at_exit() -> None:
+    """At interpreter exit, every pool shuts down and the accepted jobs finish, as the stdlib's
+    executors do (after ``shutdown(wait=False)`` too): the loops end, then they are waited for."""
+    global _exiting
+    _exiting = True
+    running = list(_RUNNING)
+    for sup in running:
+        sup.post(("shutdown", False, False, 0.0))
+    for sup in running:
+        if not sup.on_loop():
+            sup.thread.join()
 
 
 def _journal_config(journal: str | os.PathLike[str] | JournalConfig | None) -> JournalConfig | None:

@@ -26,12 +26,23 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import BrokenExecutor, Future
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Any, NamedTuple
 
 from . import codec
+from .errors import PoolError
 from .ipc import frames
+
+
+class BrokenPool(PoolError, BrokenExecutor):
+    """The pool can run no job: a worker's ``initializer`` raised (its traceback is the cause).
+
+    As with ``ProcessPoolExecutor``'s ``BrokenProcessPool`` (also a
+    ``concurrent.futures.BrokenExecutor``), every job not finished fails with it,
+    and so does every later ``submit()``. Defined here, not in ``errors``:
+    workers import that module, and this base would cost their boot.
+    """
 
 
 class Encoded(NamedTuple):

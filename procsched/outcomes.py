@@ -34,7 +34,7 @@ from .ipc import frames
 from .jobs import Job, resolve
 from .log import get_logger
 from .model import CANCELLED, CRASHED, FAILED, PENDING, QUEUED, SUCCEEDED, TIMED_OUT
-from .backends import Lost, Result, Returned, Started
+from .backends import Broken, Lost, Result, Returned, Started
 from .requests import Requests
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ class Outcomes(Requests):
     _timer_seq: Any  # itertools.count
     schedules: Schedules
     backend: Backend
+    broken: BaseException | None
 
     # -- events ---------------------------------------------------------------
     def _event(self, ev: Any, now: float) -> None:
@@ -121,6 +122,18 @@ class Outcomes(Requests):
             else:
                 err: WorkerCrashed = ev.error.for_job(f"{job.label}#{job.id}")
                 self._failed(job, policy.CRASH, err, (), now)
+        elif t is Broken:
+            self._break(ev.error)
+
+    def _break(self, error: BaseException) -> None:
+        """No job can ever run (a worker's initializer raised): as a broken ``ProcessPoolExecutor``,
+        every job not finished fails with ``error``, the workers go, and later submits raise it."""
+        if self.broken is not None:
+            return
+        self.broken = error
+        self.closing = self.killing = True
+        self.schedules.stopped = True
+        self._abandon(error)
 
     def _shutdown(self, cancel_futures: bool, kill: bool) -> None:
         self.closing = True

@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .codec import ByPath, CallEncoder, ItemError, callable_of, run_calls, run_chunk, run_then, then_parts
 from .futures import JobFuture
@@ -94,7 +94,15 @@ def _label(fn: Any) -> str:
 class _Submitter:
     """What ``Pool`` and its option views share: submit and map with given options."""
 
-    _pool: Front
+    if TYPE_CHECKING:
+
+        @property
+        def _pool(self) -> Front:
+            """The front door the jobs go through: a view's pool, or a pool (or client) itself, whose
+            property answers ``self`` (an attribute would make a cycle, and a pool dropped without
+            ``shutdown()`` would wait for a collection to end)."""
+            ...
+
     _opts: JobOptions
     _key: Key | None = None
     #: when its jobs may start: ("delay", seconds after submit) or ("at", wall-clock time); None: at once
@@ -410,6 +418,8 @@ def _chunk_results(futures: list[JobFuture], end: float | None) -> Iterator[Any]
 
 class PoolView(_Submitter):
     """The pool seen through a set of job options (from ``Pool.options``)."""
+
+    _pool: Front
 
     def __init__(self, pool: Front, opts: JobOptions, key: Key | None = None, when: tuple[str, float] | None = None) -> None:
         self._pool = pool

@@ -90,7 +90,9 @@ log = get_logger("procsched.supervisor")
 
 
 class Supervisor(Lending, Placement):
-    def __init__(self, config: PoolConfig, prefix: str, journal: JournalConfig | None = None, backend: Spec | None = None) -> None:
+    def __init__(
+        self, config: PoolConfig, prefix: str, journal: JournalConfig | None = None, backend: Spec | None = None, init: bytes = b""
+    ) -> None:
         self.config = config
         self.prefix = prefix
         # The journal (None without one), opened first: a locked or damaged
@@ -100,7 +102,7 @@ class Supervisor(Lending, Placement):
             self.bell = Doorbell.create()
             self.lent_bell = Doorbell.create()  # rung instead while a caller has borrowed the loop
             try:
-                self.backend: Backend = (backend or Local()).open(config, prefix, self.bell, self.lent_bell)
+                self.backend: Backend = (backend or Local()).open(config, prefix, self.bell, self.lent_bell, init)
             except BaseException:
                 self.bell.close()
                 self.lent_bell.close()
@@ -128,6 +130,8 @@ class Supervisor(Lending, Placement):
         self.idle = False  # when the loop went to sleep, a worker had nothing to do
         self.ended = False
         self.crashed: BaseException | None = None
+        #: a worker's initializer raised: every job fails with this, and every submit raises it
+        self.broken: BaseException | None = None
         self._ended_lock = threading.Lock()
         self.closing = False
         self.killing = False
@@ -367,6 +371,11 @@ class Supervisor(Lending, Placement):
             log.error("heartbeat_failed", error=repr(e))
 
     def _admit(self, job: Job, now: float) -> None:
+        if self.broken is not None:  # a submit that raced the break
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(self.broken)
+            job.release_args()
+            return
         if job.dep_futures:  # a future's id is final now (a keyed submit may follow another job's)
             job.deps = (*job.deps, *(f.job_id for f in job.dep_futures))
         if self.rec is not None:

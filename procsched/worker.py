@@ -11,6 +11,11 @@ frames of ``ipc/frames.py`` and three words of its control block:
 * ``W_RECALL``: when it changes, every job not yet begun goes back
   (``RETURNED``), followed by a marker with job id 0.
 
+A pool made with an ``initializer`` gives each worker it starts the
+pickled ``(initializer, initargs)`` in a shared-memory segment; the worker
+calls it before it says HELLO, and if it raises, it reports the error
+(``INIT_FAILED``) and exits.
+
 With the pool's ``log_dir`` set, each job's stdout and stderr go to the
 job's own file for the job's duration (``joblog.py``); without it, nothing
 is done and the output goes wherever the worker's does.
@@ -53,7 +58,7 @@ def _die_with_parent(parent: int) -> None:
     Called right after HELLO, so the few milliseconds of loading ctypes
     overlap the supervisor's first dispatch, and before any job runs: while a
     job runs nothing reads the death pipe, so it would outlive a killed
-    supervisor.
+    supervisor. With an initializer to run, before it, for the same reason.
     """
     if sys.platform.startswith("linux"):
         try:
@@ -82,6 +87,7 @@ class Worker:
         # borrowed the loop sleeps on (``W_OUT_BELL`` says which is in use; ``lending.py``)
         self.sup_bells = [Doorbell.from_fds(fd, fd) for fd in cfg["sup_bells"]]
         self.death_fd: int = cfg["death"]
+        self.init: bytes = cfg["init"]  # the pool's initializer: a segment's descriptor (b"": none)
         self.prefix = f'{cfg["prefix"]}w{cfg["index"]}_{os.getpid()}_'
         self.soft_rss: int = cfg["soft_rss"]
         self.spin_s: float = cfg["spin_s"]
@@ -126,9 +132,24 @@ class Worker:
         self.send([frames.Outcome(job_id, frames.CHECKPOINT, 0, payload, b"")])
 
     # -- the loop -------------------------------------------------------------
+    def initialize(self) -> bool:
+        """Run the pool's initializer; if it raises, tell the supervisor why (False)."""
+        try:
+            initializer, initargs = pickle.loads(oob.read(self.init, unlink_now=False)[0])
+            initializer(*initargs)
+        except BaseException as e:  # noqa: BLE001 - SystemExit too: the pool is broken either way
+            self.send_frame(frames.encode_init_failed(codec.dump_error(e)))
+            return False
+        return True
+
     def serve(self) -> None:
+        if self.init:  # ready only once initialized; bound to the supervisor's life meanwhile
+            _die_with_parent(self.parent)
+            if not self.initialize():
+                return
         self.send_frame(frames.encode_hello(os.getpid()))
-        _die_with_parent(self.parent)
+        if not self.init:
+            _die_with_parent(self.parent)
         poller = select.poll()
         poller.register(self.bell.read_fd, select.POLLIN)
         poller.register(self.death_fd, select.POLLIN)
@@ -275,10 +296,54 @@ def _us(t0: float) -> int:
     return min(int((time.perf_counter() - t0) * 1e6), 0xFFFFFFFF)
 
 
+class _Authkey:
+    """Gives ``multiprocessing.process`` the supervisor's authkey as a job imports it.
+
+    A ``Manager``'s proxy (a queue, a dict) passed to a job authenticates with
+    the process's authkey, which ``multiprocessing``'s own children inherit;
+    ours get the supervisor's down the death pipe. Importing ``multiprocessing``
+    at boot would cost every worker ~4 ms, so this meta path finder waits for
+    the first import, sets the key once the module has run, and steps aside.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "multiprocessing.process":
+            return None
+        sys.meta_path.remove(self)
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            run, key = spec.loader.exec_module, self.key
+
+            def exec_module(module: Any) -> None:
+                run(module)
+                module.current_process().authkey = key
+
+            spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = os.read(fd, n - len(data))
+        if not more:  # the supervisor is gone already
+            os._exit(1)
+        data += more
+    return data
+
+
 def main() -> None:
     cfg = pickle.loads(bytes.fromhex(sys.argv[1]))  # not json: it would load re (~5 ms)
     _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # Ctrl-C is the caller's to handle
     if os.getppid() != cfg["parent"]:  # the supervisor died while we started
         os._exit(1)
+    key = _read_exactly(cfg["death"], int.from_bytes(_read_exactly(cfg["death"], 2), "little"))
+    if key:
+        sys.meta_path.insert(0, _Authkey(key))
     sys.path[:] = cfg["path"]
     Worker(cfg).serve()

@@ -29,6 +29,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -140,6 +141,27 @@ def make_adder(n: int) -> Any:
 
 
 _FACTOR = 2  # read by a by-value lambda; rebound by a test
+
+INIT_STATUS = "uninitialized"  # set in a worker by its pool's initializer
+
+
+def init_status(value: str) -> None:
+    global INIT_STATUS
+    INIT_STATUS = value
+
+
+def init_status_and_pid() -> tuple[str, int]:
+    return INIT_STATUS, os.getpid()
+
+
+def put_in(queue: Any, x: Any) -> Any:
+    queue.put(x)
+    return x
+
+
+def failing_initializer(marks: str) -> None:
+    Path(marks, f"init{os.getpid()}").touch()
+    raise ValueError("error in initializer")
 
 
 # -- helpers ----------------------------------------------------------------
@@ -499,6 +521,26 @@ def test_shutdown_twice_is_fine() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_pool_dropped_without_shutdown_finishes_its_jobs_then_stops(tmp_path: Path) -> None:
+    # As the stdlib's executors do once collected: the last reference going is
+    # shutdown(wait=False), not workers that live until the interpreter exits.
+    with Gate(tmp_path) as gate:
+        pool = procsched.Pool(2)
+        running = start_blocker(pool, gate)
+        queued = pool.submit(square, 7)
+        loop = pool._sup.thread
+        del pool  # (no cycle keeps it: it goes now, without a collection)
+        assert children(), "the workers went before the accepted jobs ran"
+        gate.open()
+        assert running.result(timeout=WAIT) == "blocker"
+        assert queued.result(timeout=WAIT) == 49
+        loop.join(WAIT)
+        assert not loop.is_alive(), "the loop of a dropped pool runs on"
+    assert not children(), "a dropped pool's workers outlived its loop"
+    assert our_segments() == []
+
+
+@pytest.mark.timeout(30)
 def test_context_manager_shuts_down_and_waits(tmp_path: Path) -> None:
     with procsched.Pool(1) as pool:
         assert pool.submit(square, 2).result(timeout=WAIT) == 4
@@ -665,6 +707,72 @@ def test_cancelling_a_job_that_ran_says_so_even_before_its_outcome_is_read(tmp_p
         assert first.result(timeout=WAIT) == "first"
         second_gate.open()
         assert second.result(timeout=WAIT) == "second"
+
+
+# -- initializer (as ProcessPoolExecutor's) ----------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_the_initializer_runs_in_every_worker_before_its_first_job() -> None:
+    # positional as the stdlib's: max_workers, mp_context, initializer, initargs
+    with procsched.Pool(1, None, init_status, ("initialized",), max_tasks_per_child=1) as pool:
+        seen = [pool.submit(init_status_and_pid).result(timeout=WAIT) for _ in range(3)]
+    assert [status for status, _ in seen] == ["initialized"] * 3
+    assert len({pid for _, pid in seen}) == 3, "each job was to run in a replacement worker"
+
+
+@pytest.mark.timeout(30)
+def test_a_failing_initializer_breaks_the_pool(tmp_path: Path) -> None:
+    pool = procsched.Pool(2, initializer=failing_initializer, initargs=(str(tmp_path),))
+    futs = [pool.submit(square, i) for i in range(4)]
+    for f in futs:
+        with pytest.raises(procsched.BrokenPool, match="initializer raised ValueError: error in initializer") as caught:
+            f.result(timeout=WAIT)
+        assert isinstance(caught.value, cf.BrokenExecutor)
+    assert "error in initializer" in str(caught.value.__cause__), "the initializer's traceback is the cause"
+    assert list(tmp_path.glob("init*")), "no worker ran the initializer"
+    with pytest.raises(procsched.BrokenPool):
+        pool.submit(square, 1)  # and from now on, every submit
+    pool.shutdown(wait=True)
+    assert not children()
+    assert our_segments() == []
+
+
+@pytest.mark.timeout(30)
+def test_initializer_mistakes_raise_in_the_constructor() -> None:
+    with pytest.raises(TypeError, match="initializer must be a callable"):
+        procsched.Pool(1, initializer=3)
+    with pytest.raises(TypeError, match="mp_context"):
+        procsched.Pool(1, "spawn")
+    with pytest.raises(procsched.SerializationError, match="initializer init_status"):
+        procsched.Pool(1, initializer=init_status, initargs=(threading.Lock(),))
+    assert not children()
+
+
+@pytest.mark.timeout(30)
+def test_a_by_value_initializer_that_sets_globals_is_warned_about() -> None:
+    def init_local() -> None:  # (a nested function travels by value, as one from __main__ does)
+        global INIT_STATUS
+        INIT_STATUS = "set"
+
+    with pytest.warns(RuntimeWarning, match=r"init_local travels by value.*\(INIT_STATUS\)"):
+        pool = procsched.Pool(1, initializer=init_local)
+    pool.shutdown()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        procsched.Pool(1, initializer=init_status, initargs=("x",)).shutdown()  # importable: no warning
+
+
+@pytest.mark.timeout(60)
+def test_a_managers_proxy_passed_to_a_job_connects_back() -> None:
+    # A Manager's proxy authenticates with the process's authkey, which
+    # multiprocessing's own children inherit; the workers are given it.
+    import multiprocessing
+
+    with multiprocessing.Manager() as manager, procsched.Pool(1) as pool:
+        queue = manager.Queue()
+        assert pool.submit(put_in, queue, "sent").result(timeout=WAIT) == "sent"
+        assert queue.get(timeout=WAIT) == "sent"
 
 
 # -- job options -------------------------------------------------------------
@@ -1065,8 +1173,9 @@ def interpreter() -> dict[str, Any]:
         "flags": [sys.flags.no_site, sys.flags.isolated, sys.flags.no_user_site],  # (what a job's own children inherit)
         "prefix": (sys.prefix, sys.exec_prefix),
         "builtins": [name for name in ("exit", "quit", "help", "copyright") if hasattr(builtins, name)],
-        # the import hooks the .pth files installed (an editable install of procsched's aside)
-        "finders": [name for name in map(finder, sys.meta_path) if not name.startswith("__editable___procsched")],
+        # the import hooks the .pth files installed (an editable install of procsched's aside, and
+        # the worker's own, which hands multiprocessing its authkey)
+        "finders": [name for name in map(finder, sys.meta_path) if not name.startswith(("__editable___procsched", "procsched.worker."))],
     }
 
 

@@ -60,7 +60,13 @@ class Result(NamedTuple):
     buffers: list[memoryview]
 
 
-Event = Started | Lost | Returned | Result
+class Broken(NamedTuple):
+    """No run can ever start: a worker's initializer raised (``error``, a ``BrokenPool``)."""
+
+    error: BaseException
+
+
+Event = Started | Lost | Returned | Result | Broken
 
 
 class JobLength:
@@ -203,10 +209,11 @@ class Local:
 
         return int(loky.cpu_count())  # cgroup quota and affinity aware
 
-    def open(self, config: PoolConfig, prefix: str, bell: Doorbell, lent_bell: Doorbell) -> Backend:
+    def open(self, config: PoolConfig, prefix: str, bell: Doorbell, lent_bell: Doorbell, init: bytes = b"") -> Backend:
+        """``init``: the pickled ``(initializer, initargs)`` each worker calls as it starts."""
         from .local import LocalBackend
 
-        return LocalBackend(config, prefix, bell, lent_bell)
+        return LocalBackend(config, prefix, bell, lent_bell, init)
 
     def __repr__(self) -> str:
         return "Local()"
@@ -242,7 +249,9 @@ class Ray:
     def default_workers(self) -> int:
         return 0  # the cluster's CPUs
 
-    def open(self, config: PoolConfig, prefix: str, bell: Doorbell, lent_bell: Doorbell) -> Backend:
+    def open(self, config: PoolConfig, prefix: str, bell: Doorbell, lent_bell: Doorbell, init: bytes = b"") -> Backend:
+        if init:
+            raise ValueError("initializer: the Ray backend's tasks run in Ray's own workers, which run none")
         try:
             from .ray import RayBackend
         except ImportError as e:

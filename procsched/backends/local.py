@@ -40,7 +40,9 @@ from ..ipc.doorbell import Doorbell
 from ..ipc.ring import W_OUT_BELL, W_RECALL, W_STARTED, W_YIELD, fence
 from ..log import get_logger
 from ..model import PoolConfig
-from . import Event, JobLength, Result, Returned, Started
+from ..errors import RemoteTraceback
+from ..futures import BrokenPool
+from . import Broken, Event, JobLength, Result, Returned, Started
 from .processes import BOOTING, DEAD, READY, RETIRING, Processes, _Slot, rss
 
 log = get_logger("procsched.workers")
@@ -52,7 +54,7 @@ new, PREEMPTED = frames.new, frames.PREEMPTED  # (per outcome: a global, not an 
 class LocalBackend(Processes):
     lendable = True  # a waiting caller may run the supervisor's loop (``lending.py``)
 
-    def __init__(self, config: PoolConfig, prefix: str, sup_bell: Doorbell, lent_bell: Doorbell) -> None:
+    def __init__(self, config: PoolConfig, prefix: str, sup_bell: Doorbell, lent_bell: Doorbell, init: bytes = b"") -> None:
         # Absolute: a worker's directory is the caller's when it starts, not later.
         self.log_dir = os.path.abspath(config.log_dir) if config.log_dir else ""
         if self.log_dir:
@@ -80,6 +82,9 @@ class LocalBackend(Processes):
         self.lend_poller.register(lent_bell.read_fd, select.POLLIN)
         self.lent = 0
         self.by_sentinel: dict[int, _Slot] = {}
+        # The initializer's pickle, in a segment each worker maps as it starts (the pool's
+        # prefix: the loop's end sweeps it away with the rest).
+        self.init = oob.write(f"{prefix}init", [init]) if init else b""
 
     @property
     def capacity(self) -> int:
@@ -312,6 +317,8 @@ class LocalBackend(Processes):
                     batch += frames.decode_outcomes(frame, start, end)
                 elif k == frames.HELLO:
                     self._hello(slot, frames.decode_hello(frame[start:end]))
+                elif k == frames.INIT_FAILED:
+                    self._init_failed(slot, frame[start + 1 : end])
                 else:
                     raise ValueError(f"unknown frame kind {k}")
         except (ValueError, OSError) as e:
@@ -335,6 +342,19 @@ class LocalBackend(Processes):
             slot.head_since = time.monotonic()
             if slot.outstanding and slot.outstanding[0] in slot.track:  # its clock starts now, not at dispatch
                 self.events.append(Started(slot.outstanding[0], slot.head_since))
+
+    def _init_failed(self, slot: _Slot, error: bytes) -> None:
+        """The worker's initializer raised: every worker would fail the same way, so no job can
+        run (the supervisor fails them all, as a broken ``ProcessPoolExecutor`` does)."""
+        try:
+            names, message, tb, _ = frames.decode_error(error)
+            what = names[0].removeprefix("builtins.") + (f": {message}" if message else "")
+        except Exception:  # (struct.error, UnicodeDecodeError ...): broken all the same
+            what, tb = "an error that could not be read", ""
+        log.error("initializer_failed", worker=slot.index, pid=slot.pid, error=what)
+        broken = BrokenPool(f"a worker's initializer raised {what}")
+        broken.__cause__ = RemoteTraceback(tb)
+        self.events.append(Broken(broken))
 
     def _outcomes(self, slot: _Slot, outcomes: list[frames.Outcome], now: float) -> None:
         events = self.events

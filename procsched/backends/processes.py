@@ -11,13 +11,19 @@ reaping (the runs a dead worker held come back as ``Lost`` or
 with backoff and the degraded flag when workers keep dying at boot,
 retirement (``max_tasks_per_child``, memory caps, a smaller pool) and the
 pool's stop.
+
+A worker is given this process's ``multiprocessing`` authkey, as
+``multiprocessing``'s own children inherit it, so that a ``Manager``'s
+queue or dict passed to a job connects back (see ``worker._Authkey``).
 """
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
 import pickle
 import select
+import struct
 import signal
 import subprocess
 import sys
@@ -92,6 +98,7 @@ class Processes:
     log_dir: str
     log_jobs: dict[int, int] | None
     boot_failures: int
+    init: bytes
     restarts: int
     closing: bool
     next_memory_check: float
@@ -110,6 +117,10 @@ class Processes:
         ch = Channel.create(cfg.ring_bytes)
         bell = Doorbell.create()
         death_r, death_w = os.pipe()
+        # This process's multiprocessing authkey, down the death pipe before anything else (not
+        # in argv, which anyone may read): a Manager's proxy passed to a job authenticates with it.
+        key = bytes(multiprocessing.process.current_process().authkey)
+        os.write(death_w, struct.pack("<H", len(key)) + key)
         boot = {
             "channel": ch.fd,
             "size": ch.size,
@@ -124,6 +135,7 @@ class Processes:
             "spin_s": cfg.idle_spin,
             "log_dir": self.log_dir,
             "log_bytes": cfg.log_bytes,
+            "init": self.init,
         }
         ch.words[W_OUT_BELL] = self.lent
         fds = (ch.fd, *bell.fds(), self.sup_bell.write_fd, self.lent_bell.write_fd, death_r)

@@ -9,7 +9,10 @@ Supervisor to worker:
 
 Worker to supervisor:
 
-* ``HELLO``: the worker has mapped its channel and is ready;
+* ``HELLO``: the worker has mapped its channel and is ready (after running
+  the pool's initializer, if it has one);
+* ``INIT_FAILED``: the pool's initializer raised (an error payload); the
+  worker exits, and the pool is broken;
 * ``OUTCOMES``: a batch of :class:`Outcome` records (job id, status, run
   time, payload, out-of-band descriptor).
 
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
     from typing import NamedTuple
 
 RUN, STOP, SPILL = 1, 2, 3
-HELLO, OUTCOMES = 10, 11
+HELLO, OUTCOMES, INIT_FAILED = 10, 11, 12
 
 # Outcome statuses.
 OK, ERROR, PREEMPTED, RETURNED, CHECKPOINT, RECYCLE = range(6)
@@ -158,6 +161,10 @@ def encode_hello(pid: int) -> bytes:
 
 def decode_hello(frame: bytes) -> int:
     return int(_PID.unpack(frame)[1])
+
+
+def encode_init_failed(error: bytes) -> bytes:
+    return _KIND.pack(INIT_FAILED) + error
 
 
 def encode_spill(descriptor: bytes) -> bytes:
