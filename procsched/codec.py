@@ -95,15 +95,26 @@ def _by_reference(fn: Any) -> bool:
     return bool(module) and module != "__main__" and "<" not in qualname
 
 
-def globals_set_by_value(fn: Any) -> list[str]:
-    """The globals ``fn`` assigns, if it travels by value (defined in ``__main__``, say): there,
-    they land in the function's own copy of its globals, which no other function sees."""
+def state_copied_by_value(fn: Any) -> list[str]:
+    """The global state ``fn`` uses (assigns, or reads a value that is not a module, class or
+    function), if it travels by value (defined in ``__main__``, say): it gets its own copy of
+    those globals in a worker, which no other function sees."""
     code = getattr(fn, "__code__", None)
     if code is None or _by_reference(fn):
         return []
     import dis  # (only for such a function: a pool's initializer from a script)
 
-    return sorted({i.argval for i in dis.get_instructions(code) if i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL")})
+    found = {i.argval for i in dis.get_instructions(code) if i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL")}
+    scope = getattr(fn, "__globals__", {})
+    for name in _global_names(code):
+        value = scope.get(name, _Absent)
+        if value is not _Absent and not isinstance(value, (types.ModuleType, type)) and not callable(value):
+            found.add(name)
+    return sorted(found)
+
+
+class _Absent:
+    """A global a function names but its module lacks (a builtin, an attribute name)."""
 
 
 def _global_names(code: types.CodeType) -> frozenset[str]:

@@ -35,7 +35,7 @@ from typing import Any
 
 import msgspec
 
-from .codec import CallEncoder, callable_of, dump_initializer, globals_set_by_value
+from .codec import CallEncoder, callable_of, dump_initializer, state_copied_by_value
 from .config import load_settings
 from .controls import Controls
 from .errors import PoolError
@@ -62,11 +62,14 @@ class Pool(_Submitter, Controls, Executor):
 
     ``initializer(*initargs)`` runs in each worker as it starts (a
     replacement too), before it takes a job, as with ``ProcessPoolExecutor``;
-    if it raises, the pool is broken: every job not finished fails with
-    :class:`BrokenPool`, and so does every later ``submit()``. ``mp_context``
+    if it raises (or its worker dies in it), the pool is broken: every job
+    not finished fails with :class:`BrokenPool`, and so does every later
+    ``submit()``. ``mp_context``
     is accepted for the same drop-in reason and changes nothing: a worker is
-    always a fresh interpreter (as with ``"spawn"``), and a function defined in
-    ``__main__`` travels by value with what it uses.
+    always a fresh interpreter that does not import ``__main__`` (``"spawn"``
+    does), and a function defined there travels by value with its own copy of
+    the globals it uses, so an initializer that prepares globals for jobs must
+    live, with them, in an importable module (a warning says so).
 
     ``backend`` chooses what runs the jobs: this machine's worker processes
     (the default, ``procsched.backends.Local()``) or a Ray cluster
@@ -92,11 +95,11 @@ class Pool(_Submitter, Controls, Executor):
             if not callable(initializer):
                 raise TypeError("initializer must be a callable")
             init = dump_initializer(initializer, tuple(initargs))
-            if names := globals_set_by_value(initializer):
+            if names := state_copied_by_value(initializer):
                 warnings.warn(
                     f"the initializer {_label(initializer)} travels by value (it is not in an importable module), "
-                    f"so the globals it sets ({', '.join(names)}) are its own copy: jobs will not see them. "
-                    "Define it, and the jobs that read them, in a module the workers can import.",
+                    f"so the globals it uses ({', '.join(names)}) are its own copy in each worker: what it "
+                    "sets there, jobs will not see. Define it, and the jobs that read them, in a module the workers can import.",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -127,7 +130,7 @@ class Pool(_Submitter, Controls, Executor):
         self._lock = threading.Lock()
         self._closed = False
         oob.sweep_orphans()
-        self._prefix = oob.pool_prefix(f"{id(self):x}")
+        self._prefix = oob.pool_prefix(f"{next(_POOL_NUMBERS):x}")  # (not id(): a dropped pool's loop may outlive it)
         self._sup = Supervisor(self._config, self._prefix, _journal_config(journal), spec, init)
         self._ids = itertools.count(self._sup.first_job_id)
         self._sup.new_id = self._ids.__next__  # (a schedule's firings are jobs too)
@@ -137,7 +140,9 @@ class Pool(_Submitter, Controls, Executor):
         self._on_fetch = rec.fetched.append if rec is not None and rec.drop_fetched else None
         self._lend = self._sup.lend if self._sup.lendable else None  # a waiting caller runs the loop
         self._sup.start()
-        _RUNNING.add(self._sup)
+        # At exit the accepted jobs finish first (a hook bound to the supervisor, not the pool,
+        # which it would keep alive; registered now, so it runs before earlier cleanups).
+        atexit.register(self._sup.at_exit)
         # Dropped without shutdown(), the pool ends as shutdown(wait=False) would: its
         # accepted jobs finish, then its workers go (as the stdlib's executors do once collected).
         weakref.finalize(self, self._sup.post, ("shutdown", False, False, 0.0)).atexit = False
@@ -201,12 +206,12 @@ class Pool(_Submitter, Controls, Executor):
         )
 
     def _check_open(self) -> None:
+        if self._sup.broken is not None:  # (first, as the stdlib's: broken says more than shut down)
+            raise BrokenPool(str(self._sup.broken)) from self._sup.broken.__cause__
         if self._closed:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        if _exiting:
+        if self._sup.exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-        if self._sup.broken is not None:
-            raise BrokenPool(str(self._sup.broken)) from self._sup.broken.__cause__
         if self._sup.crashed is not None:
             raise PoolError(f"the pool is broken: its supervisor crashed ({self._sup.crashed!r})")
 
@@ -262,6 +267,9 @@ class Pool(_Submitter, Controls, Executor):
     def _join(self) -> None:
         if not self._sup.on_loop():
             self._sup.thread.join()
+            # Until here the exit hook stays: after shutdown(wait=False) the
+            # interpreter still waits for the accepted jobs, as the stdlib does.
+            atexit.unregister(self._sup.at_exit)
 
     @property
     def _pool(self) -> Pool:  # (see _Submitter)
@@ -387,24 +395,7 @@ def _in_flight(sup: Supervisor, job_id: int) -> bool:
     return False
 
 
-#: supervisors whose loop may still run: a pool's, or a dropped pool's finishing its jobs (each
-#: stays in the set while its thread runs or its pool is referenced)
-_RUNNING: weakref.WeakSet[Supervisor] = weakref.WeakSet()
-_exiting = False
-
-
-@atexit.register
-def _at_exit() -> None:
-    """At interpreter exit, every pool shuts down and the accepted jobs finish, as the stdlib's
-    executors do (after ``shutdown(wait=False)`` too): the loops end, then they are waited for."""
-    global _exiting
-    _exiting = True
-    running = list(_RUNNING)
-    for sup in running:
-        sup.post(("shutdown", False, False, 0.0))
-    for sup in running:
-        if not sup.on_loop():
-            sup.thread.join()
+_POOL_NUMBERS = itertools.count(1)  # name each pool's shared-memory segments
 
 
 def _journal_config(journal: str | os.PathLike[str] | JournalConfig | None) -> JournalConfig | None:

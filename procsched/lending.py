@@ -102,7 +102,7 @@ class Lending:
     ended: bool
     crashed: BaseException | None
     broken: BaseException | None
-    _ended_lock: threading.Lock
+    _ended_lock: threading.RLock
     now: float
     backend: Backend
 

@@ -132,7 +132,8 @@ class Supervisor(Lending, Placement):
         self.crashed: BaseException | None = None
         #: a worker's initializer raised: every job fails with this, and every submit raises it
         self.broken: BaseException | None = None
-        self._ended_lock = threading.Lock()
+        self._ended_lock = threading.RLock()  # (reentrant: a dropped pool's finalizer may post from a GC under it)
+        self.exiting = False  # interpreter exit has begun (at_exit): submits raise
         self.closing = False
         self.killing = False
         #: a service stopping: queued jobs stay queued (and journaled), running ones may finish
@@ -206,6 +207,14 @@ class Supervisor(Lending, Placement):
         self.thread.start()
 
     # -- the loop -------------------------------------------------------------
+    def at_exit(self) -> None:
+        """Interpreter exit (the pool's atexit hook, bound to this and not to the pool): the
+        accepted jobs finish, as the stdlib's executors wait for theirs, then the loop ends."""
+        self.exiting = True
+        self.post(("shutdown", False, False, 0.0))
+        if not self.on_loop():
+            self.thread.join()
+
     def _main(self) -> None:
         try:
             self._loop()

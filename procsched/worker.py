@@ -38,7 +38,7 @@ from . import fastpickle as pickle  # (pickle.py itself costs a worker's boot ~1
 from .errors import Preempted, SerializationError
 from .ipc import frames, oob
 from .ipc.doorbell import Doorbell
-from .ipc.ring import W_OUT_BELL, W_RECALL, W_STARTED, W_STOP, W_YIELD, Channel, fence
+from .ipc.ring import IN_INITIALIZER, W_OUT_BELL, W_RECALL, W_STARTED, W_STOP, W_YIELD, Channel, fence
 
 TYPE_CHECKING = False  # typing costs a worker ~8 ms at boot; annotations are strings anyway
 if TYPE_CHECKING:
@@ -133,13 +133,16 @@ class Worker:
 
     # -- the loop -------------------------------------------------------------
     def initialize(self) -> bool:
-        """Run the pool's initializer; if it raises, tell the supervisor why (False)."""
+        """Run the pool's initializer; if it raises, tell the supervisor why (False). Meanwhile
+        ``W_STARTED`` says so: a death inside it (``os._exit``, a segfault) breaks the pool too."""
+        self.ch.words[W_STARTED] = IN_INITIALIZER
         try:
             initializer, initargs = pickle.loads(oob.read(self.init, unlink_now=False)[0])
             initializer(*initargs)
         except BaseException as e:  # noqa: BLE001 - SystemExit too: the pool is broken either way
             self.send_frame(frames.encode_init_failed(codec.dump_error(e)))
             return False
+        self.ch.words[W_STARTED] = 0
         return True
 
     def serve(self) -> None:
@@ -317,14 +320,29 @@ class _Authkey:
 
         spec = PathFinder.find_spec(name, path)
         if spec is not None and spec.loader is not None:
-            run, key = spec.loader.exec_module, self.key
+            loader, key = spec.loader, self.key
+            run = loader.exec_module
 
             def exec_module(module: Any) -> None:
+                if module.__name__ != name:  # (a zip's loader serves its other modules too)
+                    run(module)
+                    return
+                del loader.exec_module  # once: the loader is itself again
                 run(module)
                 module.current_process().authkey = key
 
-            spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+            loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
+
+
+def _take_authkey(key: bytes) -> None:
+    """The supervisor's authkey: set now if something (a ``.pth`` file, sitecustomize) imported
+    ``multiprocessing`` already, else when a job first does."""
+    process = sys.modules.get("multiprocessing.process")
+    if process is not None:
+        process.current_process().authkey = key
+    else:
+        sys.meta_path.insert(0, _Authkey(key))
 
 
 def _read_exactly(fd: int, n: int) -> bytes:
@@ -344,6 +362,6 @@ def main() -> None:
         os._exit(1)
     key = _read_exactly(cfg["death"], int.from_bytes(_read_exactly(cfg["death"], 2), "little"))
     if key:
-        sys.meta_path.insert(0, _Authkey(key))
+        _take_authkey(key)
     sys.path[:] = cfg["path"]
     Worker(cfg).serve()

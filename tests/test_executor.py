@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
+import gc
 import os
 import pickle
 import subprocess
@@ -30,6 +31,7 @@ import textwrap
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -159,9 +161,18 @@ def put_in(queue: Any, x: Any) -> Any:
     return x
 
 
-def failing_initializer(marks: str) -> None:
+def failing_initializer(gate: str, marks: str) -> None:
     Path(marks, f"init{os.getpid()}").touch()
+    await_file(gate, GATE_DEADLINE)  # (until the test has submitted: the pool is not broken before)
     raise ValueError("error in initializer")
+
+
+def dying_initializer(gate: str) -> None:
+    await_file(gate, GATE_DEADLINE)
+    os._exit(3)
+
+
+_INIT_CACHE: dict[str, str] = {}  # filled by a by-value initializer in a test (in its own copy)
 
 
 # -- helpers ----------------------------------------------------------------
@@ -529,8 +540,16 @@ def test_a_pool_dropped_without_shutdown_finishes_its_jobs_then_stops(tmp_path: 
         running = start_blocker(pool, gate)
         queued = pool.submit(square, 7)
         loop = pool._sup.thread
-        del pool  # (no cycle keeps it: it goes now, without a collection)
+        gone = weakref.ref(pool)
+        gc.disable()  # no cycle keeps it: it goes with its last reference, not at a collection
+        try:
+            del pool
+            assert gone() is None, "the dropped pool is still referenced"
+        finally:
+            gc.enable()
         assert children(), "the workers went before the accepted jobs ran"
+        with procsched.Pool(1) as other:  # its segments are its own while the dropped loop runs on
+            assert other.submit(len, os.urandom(1 << 20)).result(timeout=WAIT) == 1 << 20
         gate.open()
         assert running.result(timeout=WAIT) == "blocker"
         assert queued.result(timeout=WAIT) == 49
@@ -723,8 +742,10 @@ def test_the_initializer_runs_in_every_worker_before_its_first_job() -> None:
 
 @pytest.mark.timeout(30)
 def test_a_failing_initializer_breaks_the_pool(tmp_path: Path) -> None:
-    pool = procsched.Pool(2, initializer=failing_initializer, initargs=(str(tmp_path),))
+    gate = Gate(tmp_path)
+    pool = procsched.Pool(2, initializer=failing_initializer, initargs=(str(gate), str(tmp_path)))
     futs = [pool.submit(square, i) for i in range(4)]
+    gate.open()
     for f in futs:
         with pytest.raises(procsched.BrokenPool, match="initializer raised ValueError: error in initializer") as caught:
             f.result(timeout=WAIT)
@@ -736,6 +757,21 @@ def test_a_failing_initializer_breaks_the_pool(tmp_path: Path) -> None:
     pool.shutdown(wait=True)
     assert not children()
     assert our_segments() == []
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_that_dies_in_its_initializer_breaks_the_pool(tmp_path: Path) -> None:
+    # As ProcessPoolExecutor's, not a boot failure respawned with backoff for ever.
+    gate = Gate(tmp_path)
+    pool = procsched.Pool(1, initializer=dying_initializer, initargs=(str(gate),))
+    fut = pool.submit(square, 3)
+    gate.open()
+    with pytest.raises(procsched.BrokenPool, match="died in the pool's initializer with exit code 3"):
+        fut.result(timeout=WAIT)
+    with pytest.raises(procsched.BrokenPool):
+        pool.submit(square, 1)
+    pool.shutdown(wait=True)
+    assert not children()
 
 
 @pytest.mark.timeout(30)
@@ -755,8 +791,14 @@ def test_a_by_value_initializer_that_sets_globals_is_warned_about() -> None:
         global INIT_STATUS
         INIT_STATUS = "set"
 
+    def fill_local() -> None:
+        _INIT_CACHE["model"] = "loaded"  # (state changed in place, not assigned)
+
     with pytest.warns(RuntimeWarning, match=r"init_local travels by value.*\(INIT_STATUS\)"):
         pool = procsched.Pool(1, initializer=init_local)
+    pool.shutdown()
+    with pytest.warns(RuntimeWarning, match=r"fill_local travels by value.*\(_INIT_CACHE\)"):
+        pool = procsched.Pool(1, initializer=fill_local)
     pool.shutdown()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

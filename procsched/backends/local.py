@@ -42,7 +42,7 @@ from ..log import get_logger
 from ..model import PoolConfig
 from ..errors import RemoteTraceback
 from ..futures import BrokenPool
-from . import Broken, Event, JobLength, Result, Returned, Started
+from . import Event, JobLength, Result, Returned, Started
 from .processes import BOOTING, DEAD, READY, RETIRING, Processes, _Slot, rss
 
 log = get_logger("procsched.workers")
@@ -354,7 +354,7 @@ class LocalBackend(Processes):
         log.error("initializer_failed", worker=slot.index, pid=slot.pid, error=what)
         broken = BrokenPool(f"a worker's initializer raised {what}")
         broken.__cause__ = RemoteTraceback(tb)
-        self.events.append(Broken(broken))
+        self._broken(broken)
 
     def _outcomes(self, slot: _Slot, outcomes: list[frames.Outcome], now: float) -> None:
         events = self.events

@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING, Any
 from .. import joblog
 from ..errors import MemoryLimitExceeded, WorkerCrashed, describe_exit
 from ..ipc.doorbell import Doorbell
-from ..ipc.ring import W_OUT_BELL, W_STARTED, W_STOP, Channel
+from ..futures import BrokenPool
+from ..ipc.ring import IN_INITIALIZER, W_OUT_BELL, W_STARTED, W_STOP, Channel
 from ..log import get_logger
-from . import Event, Lost, Returned
+from . import Broken, Event, Lost, Returned
 
 if TYPE_CHECKING:
     from ..model import PoolConfig
@@ -120,6 +121,8 @@ class Processes:
         # This process's multiprocessing authkey, down the death pipe before anything else (not
         # in argv, which anyone may read): a Manager's proxy passed to a job authenticates with it.
         key = bytes(multiprocessing.process.current_process().authkey)
+        if len(key) > 4096:  # (32 bytes unless someone set one: past a pipe's atomic write, none)
+            key = b""
         os.write(death_w, struct.pack("<H", len(key)) + key)
         boot = {
             "channel": ch.fd,
@@ -224,13 +227,24 @@ class Processes:
             slot.state = DEAD
             self.slots.remove(slot)
             return
-        if booting:
+        if booting and started == IN_INITIALIZER:  # died in the pool's initializer: as if it raised
+            log.error("worker_died_in_initializer", worker=slot.index, pid=slot.pid, exit=describe_exit(code))
+            slot.state = DEAD
+            self._broken(BrokenPool(f"a worker died in the pool's initializer with {describe_exit(code)}"))
+        elif booting:
             log.error("worker_boot_failed", worker=slot.index, pid=slot.pid, exitcode=code)
             self._boot_failed(slot, now)
         else:
             if not stopped:
                 self.restarts += 1
             slot.state, slot.respawn_at = DEAD, now
+
+    def _broken(self, error: BaseException) -> None:
+        """No run can ever start (the pool's initializer raised, or a worker died in it): said
+        once, and no worker starts again (the supervisor fails every job, then closes)."""
+        if not self.closing:
+            self.closing = True
+            self.events.append(Broken(error))
 
     def _crash_error(self, slot: _Slot, code: int | None, why: str) -> WorkerCrashed:
         limit = self.config.max_memory_hard or 0

@@ -48,10 +48,11 @@ _CONTROL = _LINE * _WORDS
 # Control word indices (each a signed 64-bit integer on its own line).
 W_IN_HEAD, W_IN_TAIL, W_IN_SLEEPING = 0, 1, 2
 W_OUT_HEAD, W_OUT_TAIL, W_OUT_SLEEPING = 3, 4, 5
-W_STARTED = 6  # id of the job the worker began last (0: none yet)
+W_STARTED = 6  # id of the job the worker began last (0: none yet; IN_INITIALIZER: the pool's initializer)
 W_YIELD = 7  # id of the job asked to yield (0: none)
 W_STOP = 8  # non-zero: begin nothing more, exit
 W_RECALL = 9  # bumped by the supervisor: return every job not yet begun
+IN_INITIALIZER = -1  # W_STARTED while a worker runs the pool's initializer
 W_OUT_BELL = 10  # which supervisor doorbell the worker rings: 0 the loop thread's, 1 the lent one
 
 _U32 = struct.Struct("<I")
