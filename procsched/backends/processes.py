@@ -23,8 +23,8 @@ import multiprocessing.process
 import os
 import pickle
 import select
-import struct
 import signal
+import struct
 import subprocess
 import sys
 import time
