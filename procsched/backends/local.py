@@ -35,13 +35,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from ..errors import rebuild
+from ..futures import BrokenPool, EncodedError, describe
 from ..ipc import frames, oob
 from ..ipc.doorbell import Doorbell
 from ..ipc.ring import W_OUT_BELL, W_RECALL, W_STARTED, W_YIELD, fence
 from ..log import get_logger
 from ..model import PoolConfig
-from ..errors import RemoteTraceback
-from ..futures import BrokenPool
 from . import Event, JobLength, Result, Returned, Started
 from .processes import BOOTING, DEAD, READY, RETIRING, Processes, _Slot, rss
 
@@ -347,14 +347,11 @@ class LocalBackend(Processes):
         """The worker's initializer raised: every worker would fail the same way, so no job can
         run (the supervisor fails them all, as a broken ``ProcessPoolExecutor`` does)."""
         try:
-            names, message, tb, _ = frames.decode_error(error)
-            what = names[0].removeprefix("builtins.") + (f": {message}" if message else "")
+            what, tb = describe(EncodedError(error)), frames.decode_error(error)[2]
         except Exception:  # (struct.error, UnicodeDecodeError ...): broken all the same
             what, tb = "an error that could not be read", ""
         log.error("initializer_failed", worker=slot.index, pid=slot.pid, error=what)
-        broken = BrokenPool(f"a worker's initializer raised {what}")
-        broken.__cause__ = RemoteTraceback(tb)
-        self._broken(broken)
+        self._broken(rebuild(BrokenPool(f"a worker's initializer raised {what}"), tb))
 
     def _outcomes(self, slot: _Slot, outcomes: list[frames.Outcome], now: float) -> None:
         events = self.events
